@@ -1,0 +1,119 @@
+"""Typed, self-validating model configuration (names in configs, classes in code)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+POSITION_KINDS = ("relative", "absolute", "rotary", "alibi")
+MEM_INITS = ("empty", "zeros")
+SCORES = ("dot", "additive")
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class SeqConfig:
+    """Every length the model uses; changeable after construction (eval uses longer memory)."""
+
+    tgt_len: int = 128
+    mem_len: int = 128
+    ext_len: int = 0
+    clamp_len: int = -1  # <= 0: no clamping
+    same_length: bool = False
+
+    def __post_init__(self):
+        _need(isinstance(self.tgt_len, int) and self.tgt_len > 0, f"tgt_len must be an integer > 0, got {self.tgt_len!r}")
+        _need(isinstance(self.mem_len, int) and self.mem_len >= 0, f"mem_len must be an integer >= 0, got {self.mem_len!r}")
+        _need(isinstance(self.ext_len, int) and self.ext_len >= 0, f"ext_len must be an integer >= 0, got {self.ext_len!r}")
+        _need(isinstance(self.clamp_len, int), f"clamp_len must be an integer (<= 0 disables), got {self.clamp_len!r}")
+        if self.same_length:
+            # same_length gives every query the same number of keys (mem_len + 1 ... ); with no
+            # memory there is nothing to equalise and the mask would hide the whole window.
+            _need(self.mem_len > 0, "same_length=True needs mem_len > 0 (it equalises the attention span over memory)")
+
+
+@dataclass
+class AttnConfig:
+    """How attention is computed (backend) and which keys a query may see (pattern).
+
+    Neither field changes parameters; `score` does (additive scoring owns extra weights).
+    """
+
+    backend: str = "rel_ref"
+    pattern: str = "dense"
+    window: int = 0  # local / bigbird: number of most recent keys a query sees (incl. itself)
+    block_size: int = 0  # block_sparse / bigbird
+    n_global: int = 0  # global blocks (first blocks of the key axis)
+    n_random: int = 0  # bigbird random blocks per query block
+    topk: int = 0  # topk: keys kept per query
+    seed: int = 0  # bigbird random pattern seed
+    score: str = "dot"
+
+    def __post_init__(self):
+        _need(self.score in SCORES, f"attention.score must be one of {list(SCORES)}, got {self.score!r}")
+        for name in ("window", "block_size", "n_global", "n_random", "topk"):
+            _need(getattr(self, name) >= 0, f"attention.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class TXLConfig:
+    vocab_size: int = 256
+    n_layer: int = 2
+    d_model: int = 32
+    n_head: int = 2
+    d_head: int = 16
+    d_inner: int = 64
+    d_embed: Optional[int] = None  # None: d_model
+    dropout: float = 0.0
+    dropatt: float = 0.0
+    pre_lnorm: bool = False
+    untie_r: bool = True
+    kind: str = "relative"  # position kind: changes parameters
+    mem_init: str = "empty"  # first-segment memory: none (original code) or mem_len zeros (TF / HF)
+    cutoffs: list = field(default_factory=list)
+    div_val: int = 1
+    tie_weight: bool = True
+    tie_projs: Optional[list] = None  # per cluster; None: [False] + [True] * len(cutoffs) (WT103 setting)
+    init_std: float = 0.02
+    proj_init_std: float = 0.01
+    seq: SeqConfig = field(default_factory=SeqConfig)
+    attn: AttnConfig = field(default_factory=AttnConfig)
+
+    def __post_init__(self):
+        if isinstance(self.seq, dict):
+            self.seq = SeqConfig(**self.seq)
+        if isinstance(self.attn, dict):
+            self.attn = AttnConfig(**self.attn)
+        self.cutoffs = [int(c) for c in self.cutoffs]
+        if self.d_embed is None:
+            self.d_embed = self.d_model
+        for name in ("vocab_size", "n_layer", "d_model", "n_head", "d_head", "d_inner", "d_embed", "div_val"):
+            v = getattr(self, name)
+            _need(isinstance(v, int) and v > 0, f"{name} must be an integer > 0, got {v!r}")
+        for name in ("dropout", "dropatt"):
+            v = getattr(self, name)
+            _need(0.0 <= v < 1.0, f"{name} must be in [0, 1), got {v!r}")
+        _need(self.kind in POSITION_KINDS, f"kind must be one of {list(POSITION_KINDS)}, got {self.kind!r}")
+        _need(self.mem_init in MEM_INITS, f"mem_init must be one of {list(MEM_INITS)}, got {self.mem_init!r}")
+        c = self.cutoffs
+        _need(all(a < b for a, b in zip([0] + c, c + [self.vocab_size])),
+              f"cutoffs must be strictly increasing within (0, vocab_size={self.vocab_size}), got {c}")
+        if self.tie_projs is None:
+            self.tie_projs = [False] + [True] * len(c)
+        _need(len(self.tie_projs) == len(c) + 1,
+              f"tie_projs needs one flag per cluster ({len(c) + 1}), got {len(self.tie_projs)}")
+        if self.div_val > 1:
+            _need(self.d_embed // self.div_val ** len(c) > 0,
+                  f"div_val={self.div_val} with {len(c)} cutoffs shrinks d_embed={self.d_embed} to 0")
+        if self.kind in ("rotary",):
+            _need(self.d_head % 2 == 0, f"kind=rotary needs an even d_head, got {self.d_head}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TXLConfig":
+        return cls(**d)

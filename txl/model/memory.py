@@ -1,0 +1,31 @@
+"""Segment-level recurrence: the cached hidden states. Pure functions; never in place.
+
+mems is a list with one (B, M, D) tensor per layer: the *input* of that layer for the last M
+positions seen. They are detached (stop-gradient, Dai et al. 2019 eq. 1).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def init_mems(n_layer: int, batch_size: int, d_model: int, mem_len: int, mode: str,
+              device=None, dtype=None) -> list[torch.Tensor]:
+    """`empty`: no memory on the first segment (original PyTorch code).
+    `zeros`: mem_len zero vectors (TF code and the Hugging Face port)."""
+    M = mem_len if mode == "zeros" else 0
+    return [torch.zeros(batch_size, M, d_model, device=device, dtype=dtype) for _ in range(n_layer)]
+
+
+@torch.no_grad()
+def update_mems(hids: list[torch.Tensor], mems: list[torch.Tensor], mem_len: int,
+                ext_len: int = 0) -> list[torch.Tensor]:
+    """New memory = last mem_len positions of [old memory + this segment], minus the trailing
+    ext_len positions (they come back as the next segment's extended context).
+
+    hids: per layer (B, T, D); mems: per layer (B, M, D). Returns fresh tensors, (B, M', D),
+    M' = min(mem_len, M + T - ext_len).
+    """
+    T, M = hids[0].size(1), mems[0].size(1)
+    end = M + max(0, T - ext_len)
+    beg = max(0, end - mem_len)
+    return [torch.cat([m.to(h.dtype), h], dim=1)[:, beg:end].detach().contiguous() for h, m in zip(hids, mems)]

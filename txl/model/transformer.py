@@ -1,0 +1,147 @@
+"""TransformerXL: adaptive embedding -> blocks over [memory + segment] -> adaptive softmax.
+
+Batch-first: input_ids (B, T); mems: one (B, M, D) tensor per layer; labels (B, T) where
+labels[b, t] is the target of position t (already shifted), -100 = not scored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax, tie_adaptive
+from .attention import causal_mask, get_backend
+from .config import SeqConfig, TXLConfig
+from .memory import init_mems, update_mems
+from .positions import relative_distances, sinusoid
+
+IGNORE = -100
+
+
+@dataclass
+class TXLOutput:
+    mems: list  # per layer (B, M', D), detached
+    hidden: torch.Tensor  # (B, T, D) last layer output (after dropout)
+    nll: Optional[torch.Tensor] = None  # (B, T) per-token NLL in position order (0 where ignored)
+    loss: Optional[torch.Tensor] = None  # mean NLL over scored tokens
+    log_probs: Optional[torch.Tensor] = None  # (B, T, V) when asked for
+    attn: Optional[list] = None  # per layer (B, N, T, K) attention probabilities when asked for
+
+
+class TransformerXL(nn.Module):
+    def __init__(self, cfg: TXLConfig):
+        super().__init__()
+        get_backend(cfg.attn.backend)  # unknown names fail here, listing the valid ones
+        self.cfg = cfg
+        D = cfg.d_model
+        self.embed = AdaptiveEmbedding(cfg.vocab_size, cfg.d_embed, D, cfg.cutoffs, cfg.div_val)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([self._block(cfg) for _ in range(cfg.n_layer)])
+        if cfg.kind == "relative" and not cfg.untie_r:  # u, v shared by all layers
+            self.u = nn.Parameter(torch.zeros(cfg.n_head, cfg.d_head))
+            self.v = nn.Parameter(torch.zeros(cfg.n_head, cfg.d_head))
+        self.head = AdaptiveLogSoftmax(cfg.vocab_size, cfg.d_embed, D, cfg.cutoffs, cfg.div_val)
+        self.reset_parameters()
+        tie_adaptive(self.embed, self.head, cfg.tie_weight, cfg.tie_projs)
+
+    @staticmethod
+    def _block(cfg):
+        from .layers import Block
+        return Block(cfg)
+
+    # ---- initialisation: the released scripts' scheme --------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self):
+        std, pstd = self.cfg.init_std, self.cfg.proj_init_std
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if ".ln." in f".{name}":
+                p.normal_(1.0, std) if leaf == "weight" else p.zero_()
+            elif name.startswith(("embed.projs", "head.projs")):
+                p.normal_(0.0, pstd)
+            elif leaf == "bias" or name == "head.cluster_bias":
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+
+    # ---- lengths: changeable without touching weights ---------------------------------------
+    @property
+    def seq(self) -> SeqConfig:
+        return self.cfg.seq
+
+    def set_lengths(self, **kw) -> None:
+        """e.g. model.set_lengths(tgt_len=64, mem_len=640, clamp_len=400, same_length=True)."""
+        unknown = set(kw) - {f.name for f in fields(SeqConfig)}
+        if unknown:
+            raise ValueError(f"unknown length field(s) {sorted(unknown)}; valid: {[f.name for f in fields(SeqConfig)]}")
+        self.cfg.seq = replace(self.cfg.seq, **kw)  # re-validates
+
+    def init_mems(self, batch_size: int) -> list[torch.Tensor]:
+        p = next(self.parameters())
+        return init_mems(self.cfg.n_layer, batch_size, self.cfg.d_model, self.seq.mem_len,
+                         self.cfg.mem_init, p.device, p.dtype)
+
+    # ---- forward ---------------------------------------------------------------------------
+    def _check(self, input_ids, mems, labels):
+        cfg = self.cfg
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor [B, T], got {tuple(input_ids.shape)} {input_ids.dtype}")
+        B, T = input_ids.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"input_ids must have B > 0 and T > 0, got {tuple(input_ids.shape)}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+            scored = labels[labels != IGNORE]
+            if scored.numel() and (int(scored.min()) < 0 or int(scored.max()) >= cfg.vocab_size):
+                raise ValueError(f"labels must lie in [0, {cfg.vocab_size}) or be {IGNORE}")
+        if mems is not None:
+            if len(mems) != cfg.n_layer:
+                raise ValueError(f"mems must hold one tensor per layer ({cfg.n_layer}), got {len(mems)}")
+            for m in mems:
+                if m.dim() != 3 or m.size(0) != B or m.size(2) != cfg.d_model or m.size(1) != mems[0].size(1):
+                    raise ValueError(f"each mem must be [B={B}, M, D={cfg.d_model}] with one M, got {tuple(m.shape)}")
+
+    def forward(self, input_ids: torch.Tensor, mems: Optional[list] = None, labels: Optional[torch.Tensor] = None,
+                return_log_probs: bool = False, need_weights: bool = False) -> TXLOutput:
+        self._check(input_ids, mems, labels)
+        cfg, seq = self.cfg, self.seq
+        B, T = input_ids.shape
+        if mems is None:
+            mems = self.init_mems(B)
+        M = mems[0].size(1)
+        K = M + T
+        x = self.embed(input_ids)  # (B, T, D)
+        pos_emb = None
+        if cfg.kind == "relative":
+            pos_emb = self.drop(sinusoid(relative_distances(K, seq.clamp_len, x.device), cfg.d_model).to(x.dtype))
+        elif cfg.kind == "absolute":  # positions continue after the memory (window coordinates)
+            pos = torch.arange(M, K, device=x.device)
+            if seq.clamp_len > 0:
+                pos = pos.clamp(max=seq.clamp_len)
+            x = x + sinusoid(pos, cfg.d_model).to(x.dtype)
+        blocked = causal_mask(T, M, seq.same_length, seq.mem_len, x.device)
+        u, v = (getattr(self, "u", None), getattr(self, "v", None))
+        h = self.drop(x)
+        hids, probs = [], []
+        for block, mem in zip(self.blocks, mems):
+            hids.append(h)
+            h, p = block(h, mem, blocked, pos_emb, u, v, need_weights)
+            probs.append(p)
+        h = self.drop(h)
+        out = TXLOutput(mems=update_mems(hids, mems, seq.mem_len, seq.ext_len), hidden=h,
+                        attn=probs if need_weights else None)
+        flat = h.reshape(B * T, -1)
+        if labels is not None:
+            keep = labels != IGNORE
+            nll = self.head.nll(flat, labels.clamp(min=0).reshape(-1)).view(B, T)
+            out.nll = nll.masked_fill(~keep, 0.0)
+            out.loss = out.nll.sum() / keep.sum().clamp(min=1)
+        if return_log_probs:
+            out.log_probs = self.head.log_prob(flat).view(B, T, -1)
+        return out
