@@ -1,0 +1,176 @@
+"""Hydra schemas: the typed shape of conf/train.yaml and conf/eval.yaml.
+
+Registered in Hydra's ConfigStore so unknown keys and wrong types fail at compose time; value
+ranges are checked by the dataclasses' __post_init__ when `to_objects` builds them (before any
+work starts). The model node *is* txl.model.TXLConfig: names in configs, classes in code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from txl.data import CorpusConfig
+from txl.model import TXLConfig
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class SeqNode:
+    """Every sequence length, defined once; the model and data nodes interpolate these."""
+
+    tgt_len: int = 64
+    mem_len: int = 64
+    ext_len: int = 0
+    eval_tgt_len: int = 64
+    eval_mem_len: int = 64
+    clamp_len: int = -1
+    same_length: bool = False
+
+    def __post_init__(self):
+        for k in ("tgt_len", "eval_tgt_len"):
+            _need(getattr(self, k) > 0, f"seq.{k} must be > 0, got {getattr(self, k)}")
+        for k in ("mem_len", "eval_mem_len", "ext_len"):
+            _need(getattr(self, k) >= 0, f"seq.{k} must be >= 0, got {getattr(self, k)}")
+        _need(self.ext_len < self.tgt_len, f"seq.ext_len ({self.ext_len}) must be < seq.tgt_len ({self.tgt_len})")
+        if self.same_length:
+            _need(self.mem_len > 0 and self.eval_mem_len > 0,
+                  "seq.same_length=true needs seq.mem_len > 0 and seq.eval_mem_len > 0")
+
+
+@dataclass
+class DataNode(CorpusConfig):
+    """The corpus (txl.data.CorpusConfig's fields) plus how it is batched."""
+
+    name: Optional[str] = "pystdlib"
+    batch_size: int = 16  # global: split over DDP ranks
+    eval_batch_size: int = 8
+    options: Dict[str, Any] = field(default_factory=dict)  # source-specific (e.g. synthetic_recall)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _need(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}")
+        _need(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0, got {self.eval_batch_size}")
+
+    def corpus_config(self) -> CorpusConfig:
+        return CorpusConfig(**{f.name: getattr(self, f.name) for f in fields(CorpusConfig)})
+
+
+@dataclass
+class OptimNode:
+    name: str = "adam"  # adam | adamw
+    lr: float = 2.5e-4
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    scheduler: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self):
+        _need(self.name in ("adam", "adamw"), f"optim.name must be one of ['adam', 'adamw'], got {self.name!r}")
+        _need(self.scheduler in ("cosine", "constant"),
+              f"optim.scheduler must be one of ['cosine', 'constant'], got {self.scheduler!r}")
+        _need(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _need(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class TrainerNode:
+    """Passed to lightning Trainer (plus `strategy` resolved by txl.train)."""
+
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp
+    precision: str = "32-true"
+    max_steps: int = 1000
+    val_check_interval: int = 250
+    limit_val_batches: Any = 1.0
+    log_every_n_steps: int = 10
+    gradient_clip_val: float = 0.25
+    accumulate_grad_batches: int = 1
+    enable_progress_bar: bool = True
+
+    def __post_init__(self):
+        _need(self.max_steps > 0, f"trainer.max_steps must be > 0, got {self.max_steps}")
+        _need(self.val_check_interval > 0, f"trainer.val_check_interval must be > 0, got {self.val_check_interval}")
+        _need(self.log_every_n_steps > 0, f"trainer.log_every_n_steps must be > 0, got {self.log_every_n_steps}")
+
+
+@dataclass
+class LoggerNode:
+    name: str = "wandb"  # wandb | csv | tensorboard | none
+    project: str = "txl"
+    mode: Optional[str] = None  # wandb: None = offline unless the user configured wandb
+
+    def __post_init__(self):
+        _need(self.name in ("wandb", "csv", "tensorboard", "none"),
+              f"logger.name must be one of ['wandb', 'csv', 'tensorboard', 'none'], got {self.name!r}")
+
+
+@dataclass
+class CheckpointNode:
+    every_n_steps: int = 0  # 0: only at the end (and on SIGTERM / SIGINT)
+    dirpath: Optional[str] = None  # default: <run dir>/checkpoints
+
+    def __post_init__(self):
+        _need(self.every_n_steps >= 0, f"checkpoint.every_n_steps must be >= 0, got {self.every_n_steps}")
+
+
+@dataclass
+class TrainSchema:
+    seq: SeqNode = field(default_factory=SeqNode)
+    data: DataNode = field(default_factory=DataNode)
+    model: TXLConfig = field(default_factory=TXLConfig)
+    optim: OptimNode = field(default_factory=OptimNode)
+    trainer: TrainerNode = field(default_factory=TrainerNode)
+    logger: LoggerNode = field(default_factory=LoggerNode)
+    checkpoint: CheckpointNode = field(default_factory=CheckpointNode)
+    metrics: Dict[str, Any] = field(default_factory=dict)
+    seed: int = 1234
+    ckpt_path: Optional[str] = None
+    run_dir: Optional[str] = None  # default: Hydra's output dir
+
+
+@dataclass
+class EvalNode:
+    text_file: Optional[str] = None  # default: the checkpoint's own test split
+    split: str = "test"
+    batch_size: int = 1
+    warmup_tokens: int = 0  # leading tokens that only fill memory (not scored)
+    max_tokens: Optional[int] = None
+    output: Optional[str] = None  # default: <run dir>/eval.json
+    device: str = "cpu"
+    precision: str = "32"  # 32 | bf16
+
+    def __post_init__(self):
+        _need(self.batch_size > 0, f"eval.batch_size must be > 0, got {self.batch_size}")
+        _need(self.warmup_tokens >= 0, f"eval.warmup_tokens must be >= 0, got {self.warmup_tokens}")
+        _need(self.split in ("train", "valid", "test"), f"eval.split must be train|valid|test, got {self.split!r}")
+        _need(self.precision in ("32", "bf16"), f"eval.precision must be 32|bf16, got {self.precision!r}")
+
+
+@dataclass
+class EvalSchema:
+    ckpt_path: Optional[str] = None
+    seq: Dict[str, Any] = field(default_factory=dict)  # overrides of the checkpoint's lengths
+    eval: EvalNode = field(default_factory=EvalNode)
+    metrics: Dict[str, Any] = field(default_factory=dict)
+    seed: int = 1234
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="txl_train_schema", node=TrainSchema)
+    cs.store(name="txl_eval_schema", node=EvalSchema)
+
+
+def to_objects(cfg: DictConfig) -> Any:
+    """Resolve interpolations and build the dataclasses (runs every __post_init__ check)."""
+    return OmegaConf.to_object(cfg)
