@@ -123,11 +123,19 @@ class CheckpointNode:
         _need(self.every_n_steps >= 0, f"checkpoint.every_n_steps must be >= 0, got {self.every_n_steps}")
 
 
+def _unresolved_model() -> TXLConfig:
+    """TXLConfig's defaults with the derived fields left open: the schema must not freeze
+    d_embed (= d_model) or tie_projs (one per cluster) before the size and cutoffs are chosen."""
+    m = TXLConfig()
+    m.d_embed, m.tie_projs = None, None
+    return m
+
+
 @dataclass
 class TrainSchema:
     seq: SeqNode = field(default_factory=SeqNode)
     data: DataNode = field(default_factory=DataNode)
-    model: TXLConfig = field(default_factory=TXLConfig)
+    model: TXLConfig = field(default_factory=_unresolved_model)
     optim: OptimNode = field(default_factory=OptimNode)
     trainer: TrainerNode = field(default_factory=TrainerNode)
     logger: LoggerNode = field(default_factory=LoggerNode)
@@ -157,9 +165,25 @@ class EvalNode:
 
 
 @dataclass
+class EvalSeqNode:
+    """Overrides of the checkpoint's evaluation lengths (None: keep the checkpoint's)."""
+
+    eval_tgt_len: Optional[int] = None
+    eval_mem_len: Optional[int] = None
+    clamp_len: Optional[int] = None
+    same_length: Optional[bool] = None
+
+    def __post_init__(self):
+        _need(self.eval_tgt_len is None or self.eval_tgt_len > 0, f"seq.eval_tgt_len must be > 0, got {self.eval_tgt_len}")
+        _need(self.eval_mem_len is None or self.eval_mem_len >= 0,
+              f"seq.eval_mem_len must be >= 0, got {self.eval_mem_len}")
+
+
+@dataclass
 class EvalSchema:
     ckpt_path: Optional[str] = None
-    seq: Dict[str, Any] = field(default_factory=dict)  # overrides of the checkpoint's lengths
+    seq: EvalSeqNode = field(default_factory=EvalSeqNode)
+    run_dir: Optional[str] = None
     eval: EvalNode = field(default_factory=EvalNode)
     metrics: Dict[str, Any] = field(default_factory=dict)
     seed: int = 1234
