@@ -69,7 +69,7 @@ def evaluate_tokens(model, tokens: np.ndarray, tgt_len: int, mem_len: int, batch
             h.update(model, {**batch, "labels": labels}, out, mems_in)
     dt = time.perf_counter() - t0
     loss = nll_sum / max(n_tok, 1)
-    return {"tokens": n_tok, "loss": loss, "ppl": math.exp(min(loss, 700)), "seconds": round(dt, 3),
+    return {"tokens": n_tok, "loss": loss, "tgt_len": tgt_len, "ppl": math.exp(min(loss, 700)), "seconds": round(dt, 3),
             "tokens_per_s": round(stream.batch_size * stream.n_step / max(dt, 1e-9), 1)}
 
 
@@ -123,7 +123,7 @@ def run(cfg: DictConfig) -> dict:
     unit = getattr(tok, "unit", None) if tok is not None else None
     out = {"tokens": res["tokens"], "loss": round(res["loss"], 6), "ppl": round(res["ppl"], 4),
            "bpc": round(res["loss"] / LN2, 6) if unit else None, "unit": unit,
-           "tgt_len": tgt, "mem_len": mem, "clamp_len": clamp, "same_length": same,
+           "tgt_len": res["tgt_len"], "mem_len": mem, "clamp_len": clamp, "same_length": same,
            "batch_size": c.eval.batch_size, "warmup_tokens": c.eval.warmup_tokens,
            "tokens_per_s": res["tokens_per_s"], "seconds": res["seconds"],
            "ckpt": str(c.ckpt_path), "text": source}

@@ -5,6 +5,7 @@ labels[b, t] is the target of position t (already shifted), -100 = not scored.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
@@ -34,7 +35,9 @@ class TransformerXL(nn.Module):
     def __init__(self, cfg: TXLConfig):
         super().__init__()
         get_backend(cfg.attn.backend)  # unknown names fail here, listing the valid ones
-        self.cfg = cfg
+        # A private copy shared by every submodule: set_lengths must not reach the caller's
+        # config or another model built from it.
+        cfg = self.cfg = copy.deepcopy(cfg)
         D = cfg.d_model
         self.embed = AdaptiveEmbedding(cfg.vocab_size, cfg.d_embed, D, cfg.cutoffs, cfg.div_val)
         self.drop = nn.Dropout(cfg.dropout)
@@ -86,8 +89,9 @@ class TransformerXL(nn.Module):
     # ---- forward ---------------------------------------------------------------------------
     def _check(self, input_ids, mems, labels):
         cfg = self.cfg
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an integer tensor [B, T], got {tuple(input_ids.shape)} {input_ids.dtype}")
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            got = f"{tuple(input_ids.shape)} {input_ids.dtype}" if torch.is_tensor(input_ids) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be an integer tensor [B, T], got {got}")
         B, T = input_ids.shape
         if B == 0 or T == 0:
             raise ValueError(f"input_ids must have B > 0 and T > 0, got {tuple(input_ids.shape)}")
@@ -95,25 +99,35 @@ class TransformerXL(nn.Module):
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
         if labels is not None:
+            if not torch.is_tensor(labels) or labels.dtype not in (torch.int64, torch.int32):
+                got = labels.dtype if torch.is_tensor(labels) else type(labels).__name__
+                raise ValueError(f"labels must be an integer tensor [B, T], got {got}")
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
             scored = labels[labels != IGNORE]
             if scored.numel() and (int(scored.min()) < 0 or int(scored.max()) >= cfg.vocab_size):
-                raise ValueError(f"labels must lie in [0, {cfg.vocab_size}) or be {IGNORE}")
+                raise ValueError(f"labels must lie in [0, {cfg.vocab_size}) or be {IGNORE}, "
+                                 f"got values in [{int(scored.min())}, {int(scored.max())}]")
         if mems is not None:
-            if len(mems) != cfg.n_layer:
-                raise ValueError(f"mems must hold one tensor per layer ({cfg.n_layer}), got {len(mems)}")
-            for m in mems:
-                if m.dim() != 3 or m.size(0) != B or m.size(2) != cfg.d_model or m.size(1) != mems[0].size(1):
-                    raise ValueError(f"each mem must be [B={B}, M, D={cfg.d_model}] with one M, got {tuple(m.shape)}")
+            # a stacked (L, B, M, D) tensor would iterate like a list: insist on the documented type
+            if not isinstance(mems, (list, tuple)) or len(mems) != cfg.n_layer:
+                got = len(mems) if isinstance(mems, (list, tuple)) else type(mems).__name__
+                raise ValueError(f"mems must be a list with one tensor per layer ({cfg.n_layer}), got {got}")
+            for i, m in enumerate(mems):
+                if (not torch.is_tensor(m) or m.dim() != 3 or m.size(0) != B or m.size(2) != cfg.d_model
+                        or m.size(1) != mems[0].size(1)):
+                    got = tuple(m.shape) if torch.is_tensor(m) else type(m).__name__
+                    raise ValueError(f"mems[{i}] must be a tensor [B={B}, M, D={cfg.d_model}] with the same M "
+                                     f"in every layer, got {got}")
 
     def forward(self, input_ids: torch.Tensor, mems: Optional[list] = None, labels: Optional[torch.Tensor] = None,
                 return_log_probs: bool = False, need_weights: bool = False) -> TXLOutput:
         self._check(input_ids, mems, labels)
         cfg, seq = self.cfg, self.seq
         B, T = input_ids.shape
-        if mems is None:
-            mems = self.init_mems(B)
+        # Stop-gradient on the memory (Dai et al. 2019 eq. 1), also for memories handed in that
+        # still carry a graph or require grad: no gradient may ever reach them.
+        mems = self.init_mems(B) if mems is None else [m.detach() for m in mems]
         M = mems[0].size(1)
         K = M + T
         x = self.embed(input_ids)  # (B, T, D)

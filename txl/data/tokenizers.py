@@ -1,0 +1,282 @@
+"""Tokenizers: byte / char / word (WikiText style) / hf (Hugging Face `tokenizers`).
+
+Every tokenizer has `kind`, `unit`, `vocab_size`, `encode(str) -> int32 array`, `decode(ids) -> str`
+and a JSON-serialisable `state_dict()`; `tokenizer_from_state(d)` rebuilds it, so the vocabulary
+can travel inside a model checkpoint. char/word vocabularies are built from the TRAIN text only.
+"""
+from __future__ import annotations
+
+import os
+from array import array
+from collections import Counter
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from txl.data import DataError
+
+UNK, EOS = "<unk>", "<eos>"
+
+
+def decode_utf8(raw: bytes, where: str) -> str:
+    """Strict UTF-8 decode; a bad byte becomes a one-line DataError naming `where` and the offset."""
+    try:
+        return raw.decode("utf-8", errors="strict")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not valid UTF-8 at byte offset {e.start} ({e.reason}); "
+                        f"use data.tokenizer=byte for non-UTF-8 text") from None
+
+
+def _ids_list(ids) -> List[int]:
+    if hasattr(ids, "tolist"):  # torch tensor or numpy array, any shape -> flat list
+        ids = ids.reshape(-1).tolist()
+    return [int(i) for i in ids]
+
+
+class Tokenizer:
+    kind: str = "?"
+    unit: Optional[str] = None  # 'byte' | 'char' when bits-per-unit = loss/ln2 is meaningful
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def encode_bytes(self, raw: bytes, where: str = "text") -> np.ndarray:
+        """Encode raw file content. Text tokenizers demand UTF-8; ByteTokenizer takes any bytes."""
+        return self.encode(decode_utf8(raw, where))
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size})"
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes, vocab 256: loss/ln2 is bits-per-byte."""
+    kind, unit = "byte", "byte"
+
+    @property
+    def vocab_size(self) -> int:
+        return 256
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def encode_bytes(self, raw: bytes, where: str = "text") -> np.ndarray:
+        return np.frombuffer(raw, dtype=np.uint8).copy()  # uint8: 1 byte/token, no decode needed
+
+    def decode(self, ids) -> str:
+        ids = _ids_list(ids)
+        if ids and not 0 <= min(ids) <= max(ids) <= 255:
+            raise DataError(f"byte tokenizer: ids must be in [0, 255], got {min(ids)}..{max(ids)}")
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"kind": self.kind}
+
+
+class CharTokenizer(Tokenizer):
+    """Unicode code points seen in the train text (sorted) plus <unk> at id 0."""
+    kind, unit = "char", "char"
+
+    def __init__(self, chars: Sequence[str]):
+        chars = sorted(set(chars))
+        if any(len(c) != 1 for c in chars):
+            raise DataError("char tokenizer: every vocabulary entry must be a single character")
+        self.itos: List[str] = [UNK] + chars
+        self.unk_id = 0
+        # code point -> id lookup table, so encode is one vectorised gather instead of a Python loop
+        cps = np.array([ord(c) for c in chars], dtype=np.int64)
+        self._table = np.zeros(int(cps.max()) + 1 if len(cps) else 1, dtype=np.int32)
+        self._table[cps] = np.arange(1, len(chars) + 1, dtype=np.int32)
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls(list(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> np.ndarray:
+        cp = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype="<u4")  # [N]
+        inside = cp < len(self._table)
+        ids = self._table[np.where(inside, cp, 0)]
+        ids[~inside] = self.unk_id  # code points beyond the table are unknown; zeros inside are too
+        return ids
+
+    def decode(self, ids) -> str:
+        return "".join(self.itos[i] for i in _ids_list(ids))
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"kind": self.kind, "chars": self.itos[1:]}
+
+
+class WordTokenizer(Tokenizer):
+    """WikiText style: whitespace split per line, <eos> appended to every line (empty lines too).
+
+    ids: <unk>=0, <eos>=1, then train tokens by frequency desc, ties by token (deterministic).
+    A literal '<unk>' in the text (WikiText has them) maps to the unk id.
+    """
+    kind, unit = "word", None
+
+    def __init__(self, words: Sequence[str], lower: bool = False):
+        self.itos: List[str] = [UNK, EOS] + [w for w in words if w not in (UNK, EOS)]
+        self.stoi: Dict[str, int] = {w: i for i, w in enumerate(self.itos)}
+        if len(self.stoi) != len(self.itos):
+            raise DataError("word tokenizer: duplicate tokens in vocabulary")
+        self.unk_id, self.eos_id, self.lower = 0, 1, bool(lower)
+
+    @classmethod
+    def from_text(cls, text: str, min_freq: int = 0, max_size: Optional[int] = None,
+                  lower: bool = False) -> "WordTokenizer":
+        if lower:
+            text = text.lower()
+        counts = Counter(text.split())  # whole-text split == per-line split for counting words
+        counts.pop(UNK, None), counts.pop(EOS, None)
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        words = [w for w, c in ranked if c >= min_freq]
+        if max_size is not None:  # like transformer-xl's Vocab, max_size counts the specials too
+            words = words[:max(0, max_size - 2)]
+        return cls(words, lower=lower)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> np.ndarray:
+        if self.lower:
+            text = text.lower()
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()  # a trailing newline ends the last line, it does not start a new one
+        get, unk, eos = self.stoi.get, self.unk_id, self.eos_id
+        out = array("i")  # int32 buffer: ~4 bytes/token instead of a list of Python ints
+        for line in lines:
+            out.extend([get(w, unk) for w in line.split()])
+            out.append(eos)
+        return np.frombuffer(out, dtype=np.int32).copy() if len(out) else np.zeros(0, np.int32)
+
+    def decode(self, ids) -> str:
+        out, line = [], []
+        for i in _ids_list(ids):
+            if i == self.eos_id:
+                out.append(" ".join(line) + "\n")
+                line = []
+            else:
+                line.append(self.itos[i])
+        return "".join(out) + " ".join(line)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"kind": self.kind, "words": self.itos[2:], "lower": self.lower}
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face fast tokenizer; its full tokenizer.json travels in `state_dict()`."""
+    kind, unit = "hf", None
+
+    def __init__(self, backend, name: str):
+        self.backend, self.name = backend, name  # backend: tokenizers.Tokenizer
+
+    @classmethod
+    def from_name(cls, name: str) -> "HFTokenizer":
+        try:
+            from tokenizers import Tokenizer as Backend
+        except ImportError:
+            raise DataError("data.hf_tokenizer: the 'tokenizers' package is not installed") from None
+        path = os.path.expanduser(name)
+        if os.path.isfile(path):  # a local tokenizer.json
+            return cls(Backend.from_file(path), name)
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            return cls(Backend.from_file(os.path.join(path, "tokenizer.json")), name)
+        from txl.data.sources import hub_offline_reason, in_local_hf_cache
+        reason = hub_offline_reason()  # fail fast, before the slow transformers import
+        if reason and not in_local_hf_cache(name, "models"):
+            raise DataError(f"data.hf_tokenizer: cannot fetch '{name}' from the Hugging Face hub "
+                            f"({reason}) and it is not cached; pass a local tokenizer.json path instead")
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise DataError(f"data.hf_tokenizer: '{name}' is not a local tokenizer.json and "
+                            f"'transformers' is not installed") from None
+        try:
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=bool(reason))
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise DataError(f"data.hf_tokenizer: cannot load '{name}': {type(e).__name__}: {msg}") from None
+        if not getattr(tok, "is_fast", False):
+            raise DataError(f"data.hf_tokenizer: '{name}' has no fast (Rust) tokenizer")
+        return cls(tok.backend_tokenizer, name)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, chunk_chars: int = 1 << 20) -> np.ndarray:
+        # encode ~1 MB chunks cut at line ends: bounded memory, parallel encode_batch;
+        # merges can only differ from a single-shot encode at those (rare) chunk boundaries
+        chunks, cur, size = [], [], 0
+        for line in text.splitlines(keepends=True):
+            cur.append(line)
+            size += len(line)
+            if size >= chunk_chars:
+                chunks.append("".join(cur))
+                cur, size = [], 0
+        if cur:
+            chunks.append("".join(cur))
+        encs = self.backend.encode_batch(chunks, add_special_tokens=False) if chunks else []
+        ids = [np.asarray(e.ids, dtype=np.int32) for e in encs]
+        return np.concatenate(ids) if ids else np.zeros(0, np.int32)
+
+    def decode(self, ids) -> str:
+        return self.backend.decode(_ids_list(ids), skip_special_tokens=False)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "tokenizer_json": self.backend.to_str()}
+
+
+KINDS = ("byte", "char", "word", "hf")
+
+
+def build_tokenizer(kind: str, train_text: Union[str, bytes, None] = None, **opts) -> Tokenizer:
+    """Build a tokenizer; char/word learn their vocabulary from `train_text` only.
+
+    opts: word -> min_freq, max_size, lower; hf -> name (hub id, local dir or tokenizer.json).
+    """
+    if kind not in KINDS:
+        raise DataError(f"data.tokenizer: unknown kind '{kind}' (expected one of {'|'.join(KINDS)})")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "hf":
+        if not opts.get("name"):
+            raise DataError("data.hf_tokenizer: tokenizer=hf needs a tokenizer name or path")
+        return HFTokenizer.from_name(opts["name"])
+    if train_text is None:
+        raise DataError(f"data.tokenizer: '{kind}' tokenizer needs the train text")
+    if isinstance(train_text, (bytes, bytearray)):
+        train_text = decode_utf8(bytes(train_text), "data.train")
+    if kind == "char":
+        return CharTokenizer.from_text(train_text)
+    return WordTokenizer.from_text(train_text, min_freq=int(opts.get("min_freq") or 0),
+                                   max_size=opts.get("max_size"), lower=bool(opts.get("lower", False)))
+
+
+def tokenizer_from_state(d: Dict[str, Any]) -> Tokenizer:
+    kind = d.get("kind")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "char":
+        return CharTokenizer(d["chars"])
+    if kind == "word":
+        return WordTokenizer(d["words"], lower=d.get("lower", False))
+    if kind == "hf":
+        from tokenizers import Tokenizer as Backend
+        return HFTokenizer(Backend.from_str(d["tokenizer_json"]), d.get("name", "?"))
+    raise DataError(f"tokenizer state: unknown kind {kind!r}")
