@@ -267,3 +267,14 @@ def test_hf_packaged_text_builder_matches_text_files(files, tmp_path):
     assert via_hf.meta["key"] == via_files.meta["key"]  # same bytes + tokenizer -> same cache key
     for s in ("train", "valid", "test"):
         assert np.array_equal(via_hf.split(s), via_files.split(s))
+
+
+def test_imported_word_vocabulary_keeps_every_id():
+    """An imported table (released WT103: <eos> first, <unk> elsewhere) round-trips unchanged."""
+    from txl.data import tokenizer_from_state
+    itos = ["<eos>", "the", "<unk>", "cat"]
+    tok = tokenizer_from_state({"kind": "word", "idx2sym": itos})
+    assert (tok.eos_id, tok.unk_id, tok.vocab_size) == (0, 2, 4)
+    assert tok.encode("the dog cat\n").tolist() == [1, 2, 3, 0]
+    again = tokenizer_from_state(tok.state_dict())
+    assert again.itos == itos and again.encode("cat the\n").tolist() == [3, 1, 0]

@@ -127,12 +127,18 @@ class WordTokenizer(Tokenizer):
     """
     kind, unit = "word", None
 
-    def __init__(self, words: Sequence[str], lower: bool = False):
-        self.itos: List[str] = [UNK, EOS] + [w for w in words if w not in (UNK, EOS)]
+    def __init__(self, words: Sequence[str], lower: bool = False, itos: Optional[Sequence[str]] = None):
+        # itos: a complete id -> symbol table kept as is (imported vocabularies, e.g. the released
+        # WT103 one, put <eos> and <unk> elsewhere); otherwise <unk>=0, <eos>=1, then `words`.
+        self.itos: List[str] = list(itos) if itos is not None else \
+            [UNK, EOS] + [w for w in words if w not in (UNK, EOS)]
         self.stoi: Dict[str, int] = {w: i for i, w in enumerate(self.itos)}
         if len(self.stoi) != len(self.itos):
             raise DataError("word tokenizer: duplicate tokens in vocabulary")
-        self.unk_id, self.eos_id, self.lower = 0, 1, bool(lower)
+        if UNK not in self.stoi or EOS not in self.stoi:
+            raise DataError(f"word tokenizer: the vocabulary needs both {UNK} and {EOS}")
+        self.unk_id, self.eos_id, self.lower = self.stoi[UNK], self.stoi[EOS], bool(lower)
+        self._standard = itos is None
 
     @classmethod
     def from_text(cls, text: str, min_freq: int = 0, max_size: Optional[int] = None,
@@ -175,7 +181,9 @@ class WordTokenizer(Tokenizer):
         return "".join(out) + " ".join(line)
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"kind": self.kind, "words": self.itos[2:], "lower": self.lower}
+        if self._standard:
+            return {"kind": self.kind, "words": self.itos[2:], "lower": self.lower}
+        return {"kind": self.kind, "idx2sym": list(self.itos), "lower": self.lower}
 
 
 class HFTokenizer(Tokenizer):
@@ -275,6 +283,8 @@ def tokenizer_from_state(d: Dict[str, Any]) -> Tokenizer:
     if kind == "char":
         return CharTokenizer(d["chars"])
     if kind == "word":
+        if "idx2sym" in d:
+            return WordTokenizer((), lower=d.get("lower", False), itos=d["idx2sym"])
         return WordTokenizer(d["words"], lower=d.get("lower", False))
     if kind == "hf":
         from tokenizers import Tokenizer as Backend

@@ -1,0 +1,120 @@
+"""End to end through the CLIs: train -> checkpoint -> exact resume -> eval; DDP == single process;
+SIGTERM -> checkpoint. Subprocess runs of txl-train / txl-eval on a tiny model and a small corpus."""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, read_losses, tiny_train_args
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus_files, run_cli):
+    """A 30-step run (dropout on, so the RNG state matters) with checkpoints every 15 steps."""
+    d = tmp_path_factory.mktemp("full")
+    r = run_cli("train", *tiny_train_args(corpus_files, d, "checkpoint.every_n_steps=15", "model.dropout=0.1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d, r
+
+
+def test_train_writes_step_checkpoints_metrics_and_summary(trained):
+    d, r = trained
+    names = sorted(p.name for p in (d / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step-000015.ckpt", "step-000030.ckpt"]
+    losses = read_losses(d)
+    assert sorted(losses) == list(range(30))  # one training loss per step
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 30 and summary["val_loss"] > 0 and "val_bpc" in summary
+    # it learned: the last losses are well below the first (char vocab ~ 90: ln 90 = 4.5)
+    first, last = float(losses[0]), sum(float(losses[k]) for k in range(25, 30)) / 5
+    assert last < first - 0.5
+    ck = torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    t = ck["txl"]
+    assert t["stream"] == {"epoch": 0, "pos": 30} and len(t["mems"]) == 2 and t["mems"][0].shape == (4, 16, 32)
+    assert t["tokenizer"]["kind"] == "char" and ck["global_step"] == 30
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(trained, tmp_path, corpus_files, run_cli):
+    d, _ = trained
+    r = run_cli("train", *tiny_train_args(corpus_files, tmp_path, "checkpoint.every_n_steps=15", "model.dropout=0.1",
+                                         f"ckpt_path={d / 'checkpoints' / 'step-000015.ckpt'}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    full, resumed = read_losses(d), read_losses(tmp_path)
+    assert sorted(resumed) == list(range(15, 30))
+    assert {k: full[k] for k in resumed} == resumed  # equality of the logged values, not closeness
+
+
+def test_resume_without_memories_would_differ(trained, tmp_path, corpus_files, run_cli):
+    """Guards the test above: dropping the saved memories changes the losses, so they matter."""
+    d, _ = trained
+    ck = torch.load(d / "checkpoints" / "step-000015.ckpt", map_location="cpu", weights_only=False)
+    ck["txl"]["mems"] = None
+    bad = tmp_path / "nomem.ckpt"
+    torch.save(ck, bad)
+    r = run_cli("train", *tiny_train_args(corpus_files, tmp_path / "run", "model.dropout=0.1", f"ckpt_path={bad}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    full, resumed = read_losses(d), read_losses(tmp_path / "run")
+    assert resumed[15] != full[15]
+
+
+def test_eval_on_own_test_split_and_on_a_text_file(trained, tmp_path, corpus_files, run_cli):
+    d, _ = trained
+    ckpt = d / "checkpoints" / "last.ckpt"
+    r = run_cli("eval", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'e1'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"tokens", "loss", "ppl", "bpc", "tgt_len", "mem_len"} <= set(res)
+    assert res["tokens"] > 1000 and math.isclose(res["ppl"], math.exp(res["loss"]), rel_tol=1e-4)
+    assert res["bpc"] == pytest.approx(res["loss"] / math.log(2), rel=1e-5)
+    assert json.loads((tmp_path / "e1" / "eval.json").read_text())["loss"] == res["loss"]
+    # the test split scored through eval.text_file gives the same numbers
+    r2 = run_cli("eval", f"ckpt_path={ckpt}", f"eval.text_file={corpus_files[2]}", f"hydra.run.dir={tmp_path / 'e2'}")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    res2 = json.loads(r2.stdout.strip().splitlines()[-1])
+    assert (res2["tokens"], res2["loss"]) == (res["tokens"], res["loss"])
+    # a longer memory and same_length are honoured
+    r3 = run_cli("eval", f"ckpt_path={ckpt}", "seq.eval_mem_len=64", "seq.same_length=true", "seq.clamp_len=40",
+                 f"hydra.run.dir={tmp_path / 'e3'}")
+    res3 = json.loads(r3.stdout.strip().splitlines()[-1])
+    assert (res3["mem_len"], res3["same_length"], res3["clamp_len"]) == (64, True, 40) and res3["loss"] != res["loss"]
+
+
+def test_ddp_two_processes_equal_single_process(tmp_path, corpus_files, run_cli):
+    common = ("trainer.max_steps=8", "trainer.val_check_interval=8", "trainer.limit_val_batches=2")
+    r1 = run_cli("train", *tiny_train_args(corpus_files, tmp_path / "single", *common))
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = run_cli("train", *tiny_train_args(corpus_files, tmp_path / "ddp", *common, "trainer=ddp",
+                                          "trainer.devices=2", "trainer.enable_progress_bar=false"), timeout=600)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    a, b = read_losses(tmp_path / "single"), read_losses(tmp_path / "ddp")
+    assert sorted(a) == sorted(b) == list(range(8))
+    for k in a:
+        assert abs(float(a[k]) - float(b[k])) <= 1e-5, (k, a[k], b[k])
+
+
+def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, corpus_files, cli_env):
+    args = tiny_train_args(corpus_files, tmp_path, "trainer.max_steps=100000", "checkpoint.every_n_steps=5")
+    p = subprocess.Popen([sys.executable, "-m", "txl.train", *args], cwd=str(ROOT), env=cli_env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = tmp_path / "checkpoints" / "step-000005.ckpt"
+    t0 = time.time()
+    while not first.exists() and time.time() - t0 < 120 and p.poll() is None:
+        time.sleep(0.2)
+    assert first.exists(), "training never reached step 5"
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+    ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert 5 <= ck["global_step"] < 100000
+    assert (tmp_path / "checkpoints" / f"step-{ck['global_step']:06d}.ckpt").exists()
+    assert json.loads(out.strip().splitlines()[-1])["stopped_by_signal"] == signal.SIGTERM
