@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from txl.config import register, to_objects
-from txl.train import CONF_DIR
+from txl.train import CONF_DIR, precheck_run_dir
 
 LN2 = math.log(2.0)
 
@@ -88,6 +88,10 @@ def load_text_tokens(path: str, tok) -> np.ndarray:
     special = [i for i in (getattr(tok, "unk_id", None), getattr(tok, "eos_id", None)) if i is not None]
     if special and not bool(np.isin(ids, special, invert=True).any()):
         raise DataError(f"eval.text_file: {p} has no token known to the checkpoint's vocabulary")
+    unk = getattr(tok, "unk_id", None)
+    if unk is not None and ids.size and float(np.mean(ids == unk)) > 0.5:
+        print(f"txl-eval: warning: {float(np.mean(ids == unk)):.0%} of {p}'s tokens are unknown to the vocabulary",
+              file=sys.stderr)
     return ids
 
 
@@ -146,6 +150,7 @@ def _task(cfg: DictConfig) -> None:
 
 def main() -> None:
     register()
+    precheck_run_dir(sys.argv[1:], "txl-eval")
     hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")(_task)()
 
 

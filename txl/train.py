@@ -27,14 +27,15 @@ def fail(msg: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def check_writable(run_dir: Path) -> None:
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".txl-write-probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"run_dir: cannot write to {run_dir} ({e.strerror or e})") from None
+def check_writable(*dirs: Path) -> None:
+    for d in dirs:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / ".txl-write-probe"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise ValueError(f"cannot write to {d} ({e.strerror or e})") from None
 
 
 def make_logger(cfg, run_dir: Path):
@@ -81,7 +82,8 @@ def run(cfg: DictConfig) -> dict:
     c = to_objects(cfg)  # every __post_init__ check runs here, before any work
     c.resolved = resolved
     run_dir = Path(c.run_dir or ".").resolve()
-    check_writable(run_dir)
+    ckpt_dir = Path(c.checkpoint.dirpath or run_dir / "checkpoints")
+    check_writable(run_dir, ckpt_dir)
     pl.seed_everything(c.seed, workers=True, verbose=False)
 
     dm = TXLDataModule(c.data.corpus_config(), batch_size=c.data.batch_size, tgt_len=c.seq.tgt_len,
@@ -94,7 +96,6 @@ def run(cfg: DictConfig) -> dict:
     meta = {"tokenizer": tok.state_dict(), "data": asdict(c.data), "seq": asdict(c.seq), "config": resolved}
     module = TXLModule(model_cfg, c.optim, c.seq, c.trainer.max_steps, unit=getattr(tok, "unit", None),
                        txl_meta=meta)
-    ckpt_dir = Path(c.checkpoint.dirpath or run_dir / "checkpoints")
     ckpt_cb = StepCheckpoint(str(ckpt_dir), c.checkpoint.every_n_steps)
     t = c.trainer
     strategy = t.strategy
@@ -139,8 +140,23 @@ def _task(cfg: DictConfig) -> None:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
+def precheck_run_dir(argv: list[str], tool: str = "txl-train") -> None:
+    """Hydra creates hydra.run.dir before our code runs: refuse an unwritable one in one line."""
+    for a in argv:
+        if a.startswith("hydra.run.dir="):
+            p = Path(a.split("=", 1)[1]).expanduser().absolute()
+            q = p
+            while not q.exists():
+                q = q.parent
+            if not q.is_dir() or not os.access(q, os.W_OK):
+                print(f"{tool}: error: hydra.run.dir: cannot create {p} ({q} is not a writable directory)",
+                      file=sys.stderr)
+                sys.exit(2)
+
+
 def main() -> None:
     register()
+    precheck_run_dir(sys.argv[1:])
     hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")(_task)()
 
 
