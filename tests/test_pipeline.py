@@ -118,3 +118,19 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, corpus_files, cli_env):
     assert 5 <= ck["global_step"] < 100000
     assert (tmp_path / "checkpoints" / f"step-{ck['global_step']:06d}.ckpt").exists()
     assert json.loads(out.strip().splitlines()[-1])["stopped_by_signal"] == signal.SIGTERM
+
+
+@pytest.mark.parametrize("extra", [("trainer.precision=bf16-mixed",), ("logger=wandb",), ("logger=tensorboard",),
+                                   ("logger=none",)], ids=["bf16", "wandb", "tensorboard", "none"])
+def test_precision_and_loggers(extra, tmp_path, corpus_files, run_cli):
+    args = [a for a in tiny_train_args(corpus_files, tmp_path, "trainer.max_steps=4", "trainer.val_check_interval=4",
+                                       "trainer.limit_val_batches=2") if not (a == "logger=csv" and "logger" in extra[0])]
+    r = run_cli("train", *args, *extra)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 4 and math.isfinite(summary["val_loss"])
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    if extra == ("logger=wandb",):  # offline: no account, no network, a local run directory
+        assert list((tmp_path / "wandb").glob("offline-run-*"))
+    if extra == ("logger=tensorboard",):
+        assert list(tmp_path.rglob("events.out.tfevents.*"))

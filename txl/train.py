@@ -96,6 +96,8 @@ def run(cfg: DictConfig) -> dict:
     meta = {"tokenizer": tok.state_dict(), "data": asdict(c.data), "seq": asdict(c.seq), "config": resolved}
     module = TXLModule(model_cfg, c.optim, c.seq, c.trainer.max_steps, unit=getattr(tok, "unit", None),
                        txl_meta=meta)
+    from txl.metrics import build_val_hooks  # long-range metrics at every validation (txl/metrics)
+    module.val_hooks = build_val_hooks(c.metrics, c.data, tok)
     ckpt_cb = StepCheckpoint(str(ckpt_dir), c.checkpoint.every_n_steps)
     t = c.trainer
     strategy = t.strategy
@@ -117,6 +119,9 @@ def run(cfg: DictConfig) -> dict:
         enable_model_summary=False,
     )
     trainer.fit(module, datamodule=dm, ckpt_path=c.ckpt_path, weights_only=False)
+    if c.logger.name == "wandb" and trainer.is_global_zero:  # flush now, so the summary stays the last line
+        import wandb
+        wandb.finish()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     summary = {"step": trainer.global_step, "run_dir": str(run_dir), "last_ckpt": str(ckpt_dir / "last.ckpt"),
                **{k: round(v, 6) for k, v in metrics.items() if k.startswith("val_")}}
