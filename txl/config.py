@@ -123,6 +123,39 @@ class CheckpointNode:
         _need(self.every_n_steps >= 0, f"checkpoint.every_n_steps must be >= 0, got {self.every_n_steps}")
 
 
+@dataclass
+class MetricsNode:
+    """Long-range dependency metrics (txl.metrics), logged at every validation and by txl-eval.
+
+    Files go to <run dir>/metrics/ (train) or next to eval.json (eval); docs/metrics.md explains
+    how to read them."""
+
+    enabled: bool = True
+    position_buckets: int = 8  # loss by position in the segment: buckets of tgt_len (0: off)
+    nomem_batches: int = 4  # ... also scored without memory on the first N eval batches (0: off)
+    context_buckets: bool = True  # loss by available context, log2 buckets
+    attention_stats: bool = True  # mean attended distance / memory mass per layer and head
+    attention_batches: int = 2  # on the first N eval batches ...
+    attention_rows: int = 4  # ... and their first rows: one extra forward pass each
+    recall: bool = True  # synthetic_recall: accuracy vs distance
+    plots: bool = True  # PNGs next to the JSON
+    context_sweep: Any = None  # txl-eval: null | auto | [eval_mem_len, ...] (auto: 0, tgt/2, tgt, 2tgt, ...)
+    sweep_max: Optional[int] = None  # auto: largest memory (default max(4 tgt_len, 2 mem_len))
+    threshold: float = 0.01  # effective context: the next context must gain this relative perplexity
+
+    def __post_init__(self):
+        for k in ("position_buckets", "nomem_batches", "attention_batches"):
+            _need(getattr(self, k) >= 0, f"metrics.{k} must be >= 0, got {getattr(self, k)}")
+        _need(self.attention_rows >= 1, f"metrics.attention_rows must be >= 1, got {self.attention_rows}")
+        _need(0 < self.threshold < 1, f"metrics.threshold must be in (0, 1), got {self.threshold}")
+        _need(self.sweep_max is None or self.sweep_max >= 1, f"metrics.sweep_max must be >= 1, got {self.sweep_max}")
+        cs = self.context_sweep
+        if cs is not None and cs != "auto":
+            from txl.metrics.recl import parse_contexts
+            self.context_sweep = parse_contexts(list(cs) if not isinstance(cs, str) else cs,
+                                                where="metrics.context_sweep ('auto' or a list of eval_mem_len >= 0)")
+
+
 def _unresolved_model() -> TXLConfig:
     """TXLConfig's defaults with the derived fields left open: the schema must not freeze
     d_embed (= d_model) or tie_projs (one per cluster) before the size and cutoffs are chosen."""
@@ -140,7 +173,7 @@ class TrainSchema:
     trainer: TrainerNode = field(default_factory=TrainerNode)
     logger: LoggerNode = field(default_factory=LoggerNode)
     checkpoint: CheckpointNode = field(default_factory=CheckpointNode)
-    metrics: Dict[str, Any] = field(default_factory=dict)
+    metrics: MetricsNode = field(default_factory=MetricsNode)
     seed: int = 1234
     ckpt_path: Optional[str] = None
     run_dir: Optional[str] = None  # default: Hydra's output dir
@@ -185,7 +218,7 @@ class EvalSchema:
     seq: EvalSeqNode = field(default_factory=EvalSeqNode)
     run_dir: Optional[str] = None
     eval: EvalNode = field(default_factory=EvalNode)
-    metrics: Dict[str, Any] = field(default_factory=dict)
+    metrics: MetricsNode = field(default_factory=MetricsNode)
     seed: int = 1234
 
 

@@ -3,7 +3,12 @@
     txl-eval ckpt_path=run/checkpoints/last.ckpt                       # the checkpoint's test split
     txl-eval ckpt_path=wt103.pt eval.text_file=book.txt seq.eval_mem_len=1600 seq.clamp_len=1000
 
-Prints one JSON line {"tokens","loss","ppl","bpc","tgt_len","mem_len",...} and writes eval.json.
+Prints one JSON line {"tokens","loss","ppl","bpc","tgt_len","mem_len",...,"metrics"} and writes eval.json
+(metrics: loss by position / available context and attention statistics, txl/metrics).
+
+    txl-eval ckpt_path=... metrics.context_sweep=auto       # or [0,64,128,256]: ppl per eval_mem_len,
+                                                            # effective context; table on stderr,
+                                                            # context_sweep.json / .png next to eval.json
 """
 from __future__ import annotations
 
@@ -73,6 +78,38 @@ def evaluate_tokens(model, tokens: np.ndarray, tgt_len: int, mem_len: int, batch
             "tokens_per_s": round(stream.batch_size * stream.n_step / max(dt, 1e-9), 1)}
 
 
+def sweep_contexts(mcfg, tgt_len: int, mem_len: int) -> Optional[list]:
+    """metrics.context_sweep -> the eval_mem_len values to score (None: no sweep)."""
+    if not mcfg.enabled or mcfg.context_sweep is None:
+        return None
+    from txl.metrics.recl import parse_contexts
+    return parse_contexts(mcfg.context_sweep, tgt_len, mem_len, mcfg.sweep_max, where="metrics.context_sweep")
+
+
+def run_sweep(c, model, tokens, tgt_len: int, mem_len: int, same: bool, contexts: list, tok_losses, unit,
+              out_dir: Path) -> dict:
+    """Score the text at every memory length; the table goes to stderr (stdout keeps one JSON line),
+    context_sweep.json / .png next to eval.json; returns the compact result for that line."""
+    from txl.metrics.context import summarize_sweep, sweep
+    from txl.metrics.plots import plot_sweep
+    from txl.metrics.recl import sweep_table
+    reuse = {mem_len: tok_losses.values()} if tok_losses is not None else None
+    res = sweep(model, tokens, tgt_len, contexts, c.eval.batch_size, c.eval.warmup_tokens, c.eval.precision,
+                same_length=same, reuse=reuse, progress=sys.stderr.isatty())
+    full = summarize_sweep(res, c.metrics.threshold)
+    full.update(tgt_len=tgt_len, same_length=same, ckpt=str(c.ckpt_path))
+    e = full["ecl"]
+    print(sweep_table(full["contexts"], full["loss"], unit), file=sys.stderr)
+    print(f"effective context (relative ppl gain < {e['threshold']:g} per step): "
+          f"{e['ecl']}{'+' if e['saturated'] else ''}", file=sys.stderr, flush=True)
+    (out_dir / "context_sweep.json").write_text(json.dumps(full, indent=2) + "\n")
+    if c.metrics.plots:
+        plot_sweep({"model": (full["contexts"], full["loss"])}, out_dir / "context_sweep.png", {"model": e["ecl"]},
+                   title=f"context sweep (tgt_len {tgt_len})")
+    return {"mem_len": full["contexts"], "loss": full["loss"], "ppl": full["ppl"], "ecl": e["ecl"],
+            "ecl_saturated": e["saturated"], "file": str(out_dir / "context_sweep.json")}
+
+
 def load_text_tokens(path: str, tok) -> np.ndarray:
     from txl.data import DataError
     p = Path(path)
@@ -98,8 +135,12 @@ def load_text_tokens(path: str, tok) -> np.ndarray:
 def run(cfg: DictConfig) -> dict:
     from txl.checkpoint import load_model
     from txl.data import CorpusConfig, load_corpus, tokenizer_from_state
+    from txl.metrics import build_metrics, summarize
+    from txl.metrics.context import TokenLosses
+    from txl.metrics.hooks import draw
 
     c = to_objects(cfg)
+    torch.set_flush_denormal(True)  # denormal attention probabilities slow CPU GEMMs up to ~40x
     model, tok_state, ck = load_model(c.ckpt_path, map_location=c.eval.device)
     saved = ck.get("txl", {}).get("seq") or {}
     ms = model.cfg.seq
@@ -122,8 +163,12 @@ def run(cfg: DictConfig) -> dict:
         tokens, source = corpus.split(c.eval.split), f"{corpus.name}:{c.eval.split}"
     if c.eval.max_tokens:
         tokens = tokens[: c.eval.max_tokens]
+    dcfg = ck.get("txl", {}).get("data") or {}
+    metrics = build_metrics(c.metrics, dcfg.get("source"), dcfg.get("options"), tok)
+    sweep_ctx = sweep_contexts(c.metrics, tgt, mem)
+    tok_losses = TokenLosses() if sweep_ctx and mem in sweep_ctx else None
     res = evaluate_tokens(model, tokens, tgt, mem, c.eval.batch_size, c.eval.warmup_tokens, c.eval.precision,
-                          progress=sys.stderr.isatty())
+                          progress=sys.stderr.isatty(), hooks=metrics + ([tok_losses] if tok_losses else []))
     unit = getattr(tok, "unit", None) if tok is not None else None
     out = {"tokens": res["tokens"], "loss": round(res["loss"], 6), "ppl": round(res["ppl"], 4),
            "bpc": round(res["loss"] / LN2, 6) if unit else None, "unit": unit,
@@ -133,6 +178,13 @@ def run(cfg: DictConfig) -> dict:
            "ckpt": str(c.ckpt_path), "text": source}
     path = Path(c.eval.output or Path(c.run_dir or ".") / "eval.json")
     path.parent.mkdir(parents=True, exist_ok=True)
+    if metrics:
+        out["metrics"] = summarize(metrics, model, next(model.parameters()).device)
+        if c.metrics.plots:
+            draw([{"step": "eval", **out["metrics"]}], path.parent, "eval")
+    if sweep_ctx:  # the same text once per memory length: ppl table, effective context length
+        out["context_sweep"] = run_sweep(c, model, tokens, res["tgt_len"], mem, same, sweep_ctx, tok_losses, unit,
+                                         path.parent)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(out, indent=2) + "\n")
     os.replace(tmp, path)

@@ -32,7 +32,7 @@ def default_cache_dir() -> str:
 
 @dataclass
 class CorpusConfig:
-    source: str = "pystdlib"            # 'pystdlib' | 'text_files' | 'hf'
+    source: str = "pystdlib"            # 'pystdlib' | 'text_files' | 'hf' | 'synthetic_recall'
     train: Optional[str] = None         # text_files paths (test optional)
     valid: Optional[str] = None
     test: Optional[str] = None
@@ -51,6 +51,7 @@ class CorpusConfig:
     max_bytes: Optional[int] = None     # cap raw size: 90% train / 5% valid / 5% test
     stdlib_root: Optional[str] = None   # pystdlib: override the stdlib directory (tests)
     name: Optional[str] = None          # display name; derived from the source when None
+    options: Dict[str, Any] = field(default_factory=dict)  # source-specific (synthetic_recall)
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -73,12 +74,19 @@ class CorpusConfig:
             raise DataError(f"data.max_size: must be >= 3 (<unk>, <eos> and one word), got {self.max_size}")
         if self.max_bytes is not None and self.max_bytes <= 0:
             raise DataError(f"data.max_bytes: must be > 0, got {self.max_bytes}")
+        self.options = dict(self.options or {})
+        if self.source == "synthetic_recall":
+            from txl.data.sources import recall_options
+            recall_options(self.options)  # bad options fail here, before any work
+            if self.tokenizer not in ("char", "byte"):
+                raise DataError(f"data.tokenizer: source=synthetic_recall needs char or byte, got '{self.tokenizer}'")
         if self.hf_data_files is not None:
             self.hf_data_files = dict(self.hf_data_files)  # hydra DictConfig -> dict
         self.cache_dir = os.path.expanduser(self.cache_dir or default_cache_dir())
         if self.name is None:
             self.name = {"pystdlib": "pystdlib", "hf": f"hf:{self.hf_name}",
-                         "text_files": f"text:{os.path.basename(str(self.train))}"}[self.source]
+                         "text_files": f"text:{os.path.basename(str(self.train))}",
+                         "synthetic_recall": "synthetic_recall"}[self.source]
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CorpusConfig":

@@ -10,15 +10,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import BiasTerm, RelativeTerm, get_backend
+from .attention import BACKEND_CAPS, AlibiTerm, RelativeTerm, additive_attention, get_backend
 from .config import TXLConfig
-from .positions import alibi_bias, rotate
+from .positions import alibi_slopes, rotate
+from .sparse import SPARSE, Pattern, sparse_attention, visible_from
 
 
 class MultiHeadAttention(nn.Module):
+    """Attention of the T segment queries over [memory + segment].
+
+    cfg.kind picks the position encoding (relative owns r_proj and, untied, u / v), cfg.attn
+    how the scores are computed (backend), which keys are seen (pattern) and how a query meets a
+    key (score; additive owns score_q / score_k / score_w). Keys no query may see under the pattern
+    (old memory outside a local window) are dropped before they are projected.
+    """
+
     def __init__(self, cfg: TXLConfig):
         super().__init__()
         N, H, D = cfg.n_head, cfg.d_head, cfg.d_model
+        cfg.attn.validate(cfg.kind)
         self.cfg = cfg
         self.qkv = nn.Linear(D, 3 * N * H, bias=False)
         self.out = nn.Linear(N * H, D, bias=False)
@@ -30,33 +40,60 @@ class MultiHeadAttention(nn.Module):
             if cfg.untie_r:  # content bias u and position bias v, per layer
                 self.u = nn.Parameter(torch.zeros(N, H))
                 self.v = nn.Parameter(torch.zeros(N, H))
+        if cfg.attn.score == "additive":  # Bahdanau: w . tanh(W_q q + W_k k), per head
+            self.score_q = nn.Parameter(torch.zeros(N, H, H))
+            self.score_k = nn.Parameter(torch.zeros(N, H, H))
+            self.score_w = nn.Parameter(torch.zeros(N, H))
 
     def forward(self, x: torch.Tensor, mem: torch.Tensor, blocked: torch.Tensor,
                 pos_emb: Optional[torch.Tensor] = None, u: Optional[torch.Tensor] = None,
                 v: Optional[torch.Tensor] = None, need_weights: bool = False):
-        cfg = self.cfg
+        cfg, a = self.cfg, self.cfg.attn
+        backend = get_backend(a.backend)
         B, T, D = x.shape
         M = mem.size(1)
         N, H = cfg.n_head, cfg.d_head
-        cat = torch.cat([mem.to(x.dtype), x], dim=1) if M else x  # (B, K, D)
-        h = self.ln(cat) if cfg.pre_lnorm else cat
-        q, k, val = self.qkv(h).split(N * H, dim=-1)  # each (B, K, N*H)
-        q = q[:, -T:].view(B, T, N, H).transpose(1, 2)  # (B, N, T, H): only the segment queries
-        k = k.view(B, M + T, N, H).transpose(1, 2)  # (B, N, K, H)
-        val = val.view(B, M + T, N, H).transpose(1, 2)
+        lo = 0 if need_weights else visible_from(a, T, M)  # keys before lo: invisible to every query
+        if lo:
+            mem, blocked, M = mem[:, lo:], blocked[..., lo:], M - lo
+        if pos_emb is not None:  # rows are distances ... 1, 0: keep the last K (callers may pass only those)
+            if pos_emb.size(0) < M + T:
+                raise ValueError(f"pos_emb must hold >= {M + T} distances (K), got {pos_emb.size(0)}")
+            pos_emb = pos_emb[pos_emb.size(0) - (M + T):]
+        # Queries only for the segment; memory rows projected apart so that autograd never forms
+        # the (useless) gradient of the detached memory: the projection costs O(M) once, not twice.
+        hx = self.ln(x) if cfg.pre_lnorm else x
+        w_q, w_kv = self.qkv.weight.split([N * H, 2 * N * H])
+        q = F.linear(hx, w_q).view(B, T, N, H).transpose(1, 2)  # (B, N, T, H)
+        kv = F.linear(hx, w_kv)  # (B, T, 2NH)
+        if M:
+            mem = mem.to(x.dtype)
+            kv = torch.cat([F.linear(self.ln(mem) if cfg.pre_lnorm else mem, w_kv), kv], dim=1)  # (B, K, 2NH)
+        k, val = kv.view(B, M + T, 2, N, H).permute(2, 0, 3, 1, 4)  # each (B, N, K, H)
         pos = None
         if cfg.kind == "relative":
             u, v = (self.u, self.v) if cfg.untie_r else (u, v)
             r = self.r_proj(pos_emb).view(M + T, N, H).transpose(0, 1)  # (N, K, H)
             pos = RelativeTerm(q + v[:, None].to(q.dtype), r)
             q = q + u[:, None].to(q.dtype)
-        elif cfg.kind == "rotary":  # memory keys keep positions 0..M-1, queries continue at M..K-1
-            win = torch.arange(M + T, device=x.device)
+        elif cfg.kind == "rotary":  # memory keys keep their window positions, queries continue after
+            win = torch.arange(lo, lo + M + T, device=x.device)
             q, k = rotate(q, win[M:]), rotate(k, win)
-        elif cfg.kind == "alibi":
-            pos = BiasTerm(alibi_bias(N, T, M, device=x.device).to(q.dtype))
-        backend = get_backend(cfg.attn.backend)
-        o, prob = backend(q, k, val, pos, blocked, self.scale, cfg.dropatt, self.training, need_weights)
+        elif cfg.kind == "alibi":  # the paper's slopes act on scaled scores: undo the 1/sqrt(H)
+            pos = AlibiTerm(alibi_slopes(N).to(device=x.device, dtype=q.dtype) / self.scale, T, M)
+        args = (cfg.dropatt, self.training)
+        if a.score == "additive":
+            o, prob = additive_attention(q, k, val, pos, blocked, self.scale, self.score_q, self.score_k,
+                                         self.score_w, *args, need_weights)
+        elif a.pattern == "topk":
+            o, prob = backend(q, k, val, pos, blocked, self.scale, *args, need_weights, topk=a.topk)
+        elif a.pattern not in SPARSE:
+            o, prob = backend(q, k, val, pos, blocked, self.scale, *args, need_weights)
+        elif need_weights or BACKEND_CAPS[a.backend]["native_mask"]:  # one call with the full mask
+            blocked = blocked | Pattern(a, T, M).mask(x.device)
+            o, prob = backend(q, k, val, pos, blocked, self.scale, *args, need_weights)
+        else:  # banded: only the keys each query chunk may see
+            o, prob = sparse_attention(backend, q, k, val, pos, blocked, self.scale, Pattern(a, T, M), *args), None
         o = self.drop(self.out(o.transpose(1, 2).reshape(B, T, N * H)))  # (B, T, D)
         y = x + o if cfg.pre_lnorm else self.ln(x + o)
         return y, prob

@@ -2,9 +2,16 @@
 
 Kinds (the `kind` field of TXLConfig; each changes what the attention computes):
   relative  the paper's: sinusoids over key *distances*, projected per layer (W_kR), biases u, v
-  absolute  vanilla Transformer: sinusoids over absolute positions, added to the input embedding
-  rotary    q, k rotated by their positions (positions of memory keys continue into the segment)
-  alibi     a per-head linear penalty on key distance, added to the scores
+  absolute  vanilla Transformer: sinusoids over window positions, added to the input embedding
+  rotary    q, k rotated by their window positions
+  alibi     a per-head linear penalty -m_n * distance on the (scaled) scores, Press et al. 2022
+
+All of them use window coordinates: memory key j sits at position j, segment token t at M + t, so
+positions of the memory continue into the segment and a text processed in segments (memory holding
+the whole past) is scored exactly as in one pass (tests/test_positions.py). Relative, rotary and
+ALiBi only ever see distances. Absolute positions cannot: once the memory is full every segment gets
+positions mem_len .. mem_len + T - 1 while the cached states kept the positions they were encoded
+with (the incoherence that made the paper move to relative positions).
 """
 from __future__ import annotations
 
