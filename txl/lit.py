@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from dataclasses import asdict
 from typing import Any, Optional
 
@@ -62,7 +61,6 @@ class TXLModule(pl.LightningModule):
         self.train_mems: Optional[list] = None
         self.next_pos = {"epoch": 0, "pos": 0}  # first stream segment not yet trained on
         self._pending_rng: Optional[dict] = None
-        self._t_last: Optional[float] = None
         self.val_hooks: list = []  # extra validation metrics (txl.metrics) get (out, batch)
 
     # ---- training ---------------------------------------------------------------------------
@@ -70,7 +68,6 @@ class TXLModule(pl.LightningModule):
         if self._pending_rng is not None:  # restored here, after everything that may draw numbers
             set_rng_state(self._pending_rng)
             self._pending_rng = None
-        self._t_last = time.perf_counter()
 
     def training_step(self, batch, batch_idx):
         ids, labels = batch["input_ids"], batch["labels"]
@@ -82,18 +79,12 @@ class TXLModule(pl.LightningModule):
         loss = out.loss
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at step {self.global_step + 1}")
-        now = time.perf_counter()
-        n_tok = int((labels != -100).sum()) * self.trainer.world_size
         log = dict(on_step=True, on_epoch=False, batch_size=ids.size(0), sync_dist=self.trainer.world_size > 1)
         self.log("train_loss", loss, prog_bar=True, **log)
         self.log("train_ppl", torch.exp(loss.detach().clamp(max=50)), **log)
         if self.unit:
             self.log(f"train_bp{self.unit[0]}", loss.detach() / LN2, **log)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=ids.size(0))
-        if self._t_last is not None:
-            self.log("tokens_per_s", n_tok / max(now - self._t_last, 1e-9), on_step=True, on_epoch=False,
-                     batch_size=ids.size(0))
-        self._t_last = now
         return loss
 
     def on_before_optimizer_step(self, optimizer):
@@ -156,7 +147,12 @@ class TXLModule(pl.LightningModule):
     def configure_optimizers(self):
         o = self.optim_cfg
         cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-        opt = cls(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        # fused: one kernel over all parameters (CPU and CUDA), same update rule as the for-loop path.
+        # Only at full precision: Lightning's mixed-precision plugins refuse to clip the gradients
+        # of an optimizer that could unscale them itself.
+        full = str(self.trainer.precision).startswith(("32", "64")) if self._trainer is not None else True
+        opt = cls(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                  fused=full)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(o.warmup_steps, self.max_steps, o.scheduler, o.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -77,10 +77,11 @@ def run(cfg: DictConfig) -> dict:
     from txl.callbacks import AtomicCheckpointIO, StepCheckpoint
     from txl.data import TXLDataModule
     from txl.lit import TXLModule
+    from txl.perf import ThroughputMonitor
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    c = to_objects(cfg)
-    torch.set_flush_denormal(True)  # denormal attention probabilities slow CPU GEMMs up to ~40x  # every __post_init__ check runs here, before any work
+    c = to_objects(cfg)  # every __post_init__ check runs here, before any work
+    torch.set_flush_denormal(True)  # denormal attention probabilities slow CPU GEMMs up to ~40x
     c.resolved = resolved
     run_dir = Path(c.run_dir or ".").resolve()
     ckpt_dir = Path(c.checkpoint.dirpath or run_dir / "checkpoints")
@@ -115,7 +116,7 @@ def run(cfg: DictConfig) -> dict:
         check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches, enable_progress_bar=t.enable_progress_bar,
-        logger=make_logger(c, run_dir), callbacks=[ckpt_cb], plugins=[AtomicCheckpointIO()],
+        logger=make_logger(c, run_dir), callbacks=[ckpt_cb, ThroughputMonitor()], plugins=[AtomicCheckpointIO()],
         enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=str(run_dir),
         enable_model_summary=False,
     )

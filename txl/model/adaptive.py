@@ -108,25 +108,32 @@ class AdaptiveLogSoftmax(nn.Module):
     def nll(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """h (n, D), target (n,) in [0, V) -> NLL (n,) in the same (position) order.
 
-        Tail clusters are only evaluated on the rows whose target falls in them.
+        One head cross-entropy over all rows, against the target itself (shortlist) or its
+        cluster's logit (tail), then per tail cluster one gather of its rows, whose in-cluster
+        NLL is added at their positions: no per-cluster pass over the head, no reordering.
         """
-        head = F.log_softmax(self._logit(h, *self._cluster(0)).float(), dim=-1)
+        target = target.long()  # cross_entropy takes int64 class indices
+        head = self._logit(h, *self._cluster(0)).float()  # (n, shortlist + n_clusters)
         if not self.n_clusters:
-            return -head.gather(1, target[:, None]).squeeze(1)
-        out = head.new_zeros(target.shape)
-        for i in range(self.n_clusters + 1):
-            lo, hi = self.ends[i], self.ends[i + 1]
-            idx = ((target >= lo) & (target < hi)).nonzero().squeeze(1)
+            return F.cross_entropy(head, target, reduction="none")
+        cluster = torch.bucketize(target, self._bounds(target.device), right=True)  # (n,) 0 = head
+        col = torch.where(cluster == 0, target, self.shortlist - 1 + cluster)
+        out = F.cross_entropy(head, col, reduction="none")  # -log p(cluster), or -log p(t) in the shortlist
+        for i in range(1, self.n_clusters + 1):
+            idx = (cluster == i).nonzero().squeeze(1)
             if idx.numel() == 0:
                 continue
-            t_i = (target.index_select(0, idx) - lo)[:, None]
-            if i == 0:
-                lp = head.index_select(0, idx).gather(1, t_i).squeeze(1)
-            else:
-                tail = F.log_softmax(self._logit(h.index_select(0, idx), *self._cluster(i)).float(), dim=-1)
-                lp = head[idx, self.shortlist + i - 1] + tail.gather(1, t_i).squeeze(1)
-            out = out.index_copy(0, idx, -lp)
+            tail = self._logit(h.index_select(0, idx), *self._cluster(i)).float()  # (n_i, V_i)
+            out = out.index_add(0, idx, F.cross_entropy(tail, target.index_select(0, idx) - self.ends[i],
+                                                        reduction="none"))
         return out
+
+    def _bounds(self, device) -> torch.Tensor:
+        """The cutoffs as a tensor (for bucketize), cached per device."""
+        b = getattr(self, "_bounds_t", None)
+        if b is None or b.device != torch.device(device):
+            b = self._bounds_t = torch.tensor(self.ends[1:-1], device=device)
+        return b
 
 
 def tie_adaptive(emb: AdaptiveEmbedding, crit: AdaptiveLogSoftmax, tie_weight: bool, tie_projs: list[bool]) -> None:
