@@ -97,11 +97,15 @@ class RelativeTerm(PositionTerm):
     R-1 .. 0 (row c is distance R-1-c); R = K for the dense view. klen: K (default R).
     """
 
-    def __init__(self, q_pos: torch.Tensor, r: torch.Tensor, klen: Optional[int] = None):
+    def __init__(self, q_pos: torch.Tensor, r: torch.Tensor, klen: Optional[int] = None,
+                 r_t: Optional[torch.Tensor] = None):
         self.q_pos, self.r = q_pos, r
         self.klen = r.size(1) if klen is None else klen
         self.mem = self.klen - q_pos.size(-2)  # M: window position of query 0
-        self.requires_grad = q_pos.requires_grad or r.requires_grad
+        # r_t (N, H, K+1) contiguous: the rows for distances K-1 .. 0 transposed plus a zero spare
+        # column, what scaled_dense multiplies by; the layer may hand it over ready-made
+        self.r_t = r_t
+        self.requires_grad = q_pos.requires_grad or r.requires_grad or (r_t is not None and r_t.requires_grad)
 
     def _r_rows(self, K: int) -> torch.Tensor:
         R = self.r.size(1)
@@ -113,12 +117,20 @@ class RelativeTerm(PositionTerm):
         return rel_shift(torch.matmul(self.q_pos, self._r_rows(self.klen).transpose(-1, -2)))
 
     def scaled_dense(self, scale: float) -> torch.Tensor:
-        # Scale the (T, H) queries, not the (T, K) scores; put the shift's spare column at the end
-        # of r so the matmul writes straight into the buffer _full_shift views: no pad copy.
-        r = self._r_rows(self.klen)
-        r = torch.cat([r, r.new_zeros(r.size(0), 1, r.size(2))], dim=1)  # (N, K+1, H)
-        raw = torch.matmul(self.q_pos * scale, r.transpose(-1, -2))  # (B, N, T, K+1)
-        return _full_shift(raw, self.klen)
+        # Scale the (T, H) queries, not the (T, K) scores. One matmul batched over heads, the batch
+        # folded into the rows: r is shared by the batch, never expanded (a broadcast matmul copies
+        # it B times and keeps the copy for backward), and read untransposed (N, H, K+1) (a
+        # transposed operand runs this shape 2-3x slower), its zero spare column making the output
+        # the buffer _full_shift views: no pad, no copy. A (B, N, T, K) view of a fresh buffer.
+        K, r_t = self.klen, self.r_t
+        if r_t is None or r_t.size(-1) != K + 1:
+            r = self._r_rows(K)
+            r_t = torch.cat([r, r.new_zeros(r.size(0), 1, r.size(2))], dim=1).transpose(1, 2).contiguous()
+        N, H = r_t.size(0), r_t.size(1)
+        qp = self.q_pos * scale
+        B, T = qp.size(0), qp.size(-2)
+        raw = torch.matmul(qp.transpose(0, 1).reshape(N, B * T, H), r_t)  # (N, B*T, K+1)
+        return _full_shift(raw.view(N * B, T, K + 1), K).view(N, B, T, K).transpose(0, 1)
 
     def block(self, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor:
         # Only the C + L distances this block needs: (C, H) x (H, L + C) instead of (T, K).
@@ -258,20 +270,59 @@ def rel_ref(q, k, v, pos: Optional[PositionTerm], blocked, scale: float, dropatt
     return attend(score * scale, v, blocked, dropatt, training, need_weights, topk)
 
 
+def _blocked_runs(blocked: torch.Tensor) -> list:
+    """[(start, end)] column ranges of the (.., T, K) mask holding a blocked entry. Every layer gets
+    the same mask object: the ranges are remembered on it (keyed by its version)."""
+    version = -1 if blocked.is_inference() else blocked._version  # inference tensors have none
+    memo = getattr(blocked, "_txl_runs", None)
+    if memo is not None and memo[0] == version:
+        return memo[1]
+    cols = blocked.reshape(-1, blocked.size(-1)).any(0).tolist()
+    runs, j = [], 0
+    while j < len(cols):
+        e = j
+        while e < len(cols) and cols[e]:
+            e += 1
+        if e > j:
+            runs.append((j, e))
+        j = e + 1
+    blocked._txl_runs = (version, runs)
+    return runs
+
+
+def fill_blocked_(x: torch.Tensor, blocked: torch.Tensor, value: float) -> torch.Tensor:
+    """x.masked_fill_(blocked, value), touching only the key columns some query cannot see (with a
+    long memory the causal / same_length corners are a few % of the (T, K) scores)."""
+    for j, e in _blocked_runs(blocked):
+        x[..., j:e].masked_fill_(blocked[..., j:e], value)
+    return x
+
+
 @register_backend("rel_fused", patterns=tuple(p for p in PATTERNS if p != "topk"))
 def rel_fused(q, k, v, pos: Optional[PositionTerm], blocked, scale: float, dropatt: float = 0.0,
               training: bool = False, need_weights: bool = False):
-    """Same scores through the fused SDPA kernel: scale * BD and the mask become one float bias,
-    the only (B, N, T, K) tensor besides the kernel's own (BD is one matmul, shifted as a view)."""
+    """Same scores, fewest passes over (B, N, T, K): scale * BD (one matmul, shifted as a view) is
+    masked in place and, when nothing needs its gradient, handed to the fused SDPA kernel as the
+    float bias. With gradients (training) the fused CPU kernel cannot differentiate the bias and
+    SDPA would fall back to its unfused path plus extra passes: do that math directly, in place."""
     if need_weights:
         return rel_ref(q, k, v, pos, blocked, scale, dropatt, training, True)
+    neg = _neg_inf(q.dtype)
     if pos is None:
-        bias = torch.zeros(blocked.shape, dtype=q.dtype, device=q.device).masked_fill(blocked, _neg_inf(q.dtype))
+        bias = torch.zeros(blocked.shape, dtype=q.dtype, device=q.device)
     else:
-        bias = pos.scaled_dense(scale).to(q.dtype).masked_fill(blocked, _neg_inf(q.dtype))  # (B|1, N, T, K)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                         dropout_p=dropatt if training else 0.0, scale=scale)
-    return out, None
+        bias = pos.scaled_dense(scale).to(q.dtype)  # (B|1, N, T, K), a fresh buffer: ours to overwrite
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or bias.requires_grad)
+    if not grad:
+        fill_blocked_(bias, blocked, neg)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropatt if training else 0.0,
+                                             scale=scale)
+        return out, None
+    score = torch.matmul(q * scale, k.transpose(-1, -2)).add_(bias)  # (B, N, T, K)
+    fill_blocked_(score, blocked, neg)
+    prob = torch.softmax(score.float(), dim=-1).to(v.dtype)
+    prob = F.dropout(prob, dropatt, training) if dropatt > 0 else prob
+    return torch.matmul(prob, v), None
 
 
 _FLEX: dict = {}

@@ -45,11 +45,15 @@ class MultiHeadAttention(nn.Module):
             self.score_k = nn.Parameter(torch.zeros(N, H, H))
             self.score_w = nn.Parameter(torch.zeros(N, H))
 
+    # no-grad calls over a long memory attend a few batch rows at a time, so that every (T, K)
+    # transient (keys / values, position scores, the kernel's bias) shrinks by the chunk factor
+    # while the GEMMs stay large (K rows each). 2**22 elements: 16 MB of fp32 scores per chunk.
+    chunk_elems = 1 << 22
+
     def forward(self, x: torch.Tensor, mem: torch.Tensor, blocked: torch.Tensor,
                 pos_emb: Optional[torch.Tensor] = None, u: Optional[torch.Tensor] = None,
                 v: Optional[torch.Tensor] = None, need_weights: bool = False):
         cfg, a = self.cfg, self.cfg.attn
-        backend = get_backend(a.backend)
         B, T, D = x.shape
         M = mem.size(1)
         N, H = cfg.n_head, cfg.d_head
@@ -60,21 +64,46 @@ class MultiHeadAttention(nn.Module):
             if pos_emb.size(0) < M + T:
                 raise ValueError(f"pos_emb must hold >= {M + T} distances (K), got {pos_emb.size(0)}")
             pos_emb = pos_emb[pos_emb.size(0) - (M + T):]
-        # Queries only for the segment; memory rows projected apart so that autograd never forms
-        # the (useless) gradient of the detached memory: the projection costs O(M) once, not twice.
+        r = None
+        if cfg.kind == "relative":  # W_kR R once for the whole batch, plus a zero row (the rel-shift's
+            # spare column), laid out (N, H, K+1) as the position-score matmul reads it best
+            pe = torch.cat([pos_emb, pos_emb.new_zeros(1, D)])  # (K+1, D)
+            r_t = torch.matmul(self.r_proj.weight, pe.t()).view(N, H, M + T + 1)
+            r = (r_t[..., : M + T].transpose(1, 2), r_t)  # (N, K, H) view, (N, H, K+1)
+        step = max(1, self.chunk_elems // (N * T * (M + T)))
+        if (step < B and not need_weights and not torch.is_grad_enabled()
+                and (blocked.dim() == 2 or blocked.size(0) == 1)):
+            ys = [self._attend(x[i:i + step], mem[i:i + step], blocked, r, u, v, lo, False)[0]
+                  for i in range(0, B, step)]
+            return torch.cat(ys), None
+        return self._attend(x, mem, blocked, r, u, v, lo, need_weights)
+
+    def _attend(self, x, mem, blocked, r, u, v, lo: int, need_weights: bool):
+        cfg, a = self.cfg, self.cfg.attn
+        backend = get_backend(a.backend)
+        B, T, D = x.shape
+        M = mem.size(1)
+        N, H = cfg.n_head, cfg.d_head
+        # Queries only for the segment. With gradients the memory rows are projected apart so that
+        # autograd never forms the (useless) gradient of the detached memory; without, one GEMM
+        # over [memory + segment] (the concatenated inputs are half the bytes of the outputs).
         hx = self.ln(x) if cfg.pre_lnorm else x
         w_q, w_kv = self.qkv.weight.split([N * H, 2 * N * H])
         q = F.linear(hx, w_q).view(B, T, N, H).transpose(1, 2)  # (B, N, T, H)
-        kv = F.linear(hx, w_kv)  # (B, T, 2NH)
-        if M:
+        if not M:
+            kv = F.linear(hx, w_kv)
+        else:
             mem = mem.to(x.dtype)
-            kv = torch.cat([F.linear(self.ln(mem) if cfg.pre_lnorm else mem, w_kv), kv], dim=1)  # (B, K, 2NH)
+            hm = self.ln(mem) if cfg.pre_lnorm else mem
+            if torch.is_grad_enabled():
+                kv = torch.cat([F.linear(hm, w_kv), F.linear(hx, w_kv)], dim=1)  # (B, K, 2NH)
+            else:
+                kv = F.linear(torch.cat([hm, hx], dim=1), w_kv)
         k, val = kv.view(B, M + T, 2, N, H).permute(2, 0, 3, 1, 4)  # each (B, N, K, H)
         pos = None
         if cfg.kind == "relative":
             u, v = (self.u, self.v) if cfg.untie_r else (u, v)
-            r = self.r_proj(pos_emb).view(M + T, N, H).transpose(0, 1)  # (N, K, H)
-            pos = RelativeTerm(q + v[:, None].to(q.dtype), r)
+            pos = RelativeTerm(q + v[:, None].to(q.dtype), r[0], r_t=r[1])
             q = q + u[:, None].to(q.dtype)
         elif cfg.kind == "rotary":  # memory keys keep their window positions, queries continue after
             win = torch.arange(lo, lo + M + T, device=x.device)

@@ -28,4 +28,6 @@ def update_mems(hids: list[torch.Tensor], mems: list[torch.Tensor], mem_len: int
     T, M = hids[0].size(1), mems[0].size(1)
     end = M + max(0, T - ext_len)
     beg = max(0, end - mem_len)
-    return [torch.cat([m.to(h.dtype), h], dim=1)[:, beg:end].detach().contiguous() for h, m in zip(hids, mems)]
+    # one copy: the kept tail of the old memory and the kept head of the segment, concatenated
+    return [torch.cat([m[:, beg:].to(h.dtype), h[:, max(0, beg - M): end - M]], dim=1).detach()
+            for h, m in zip(hids, mems)]
