@@ -56,7 +56,8 @@ def test_bad_corpus_files(case, tmp_path, corpus_files, run_cli):
 
 
 @pytest.mark.parametrize("override,needle", [("seq.tgt_len=0", "seq.tgt_len"), ("seq.mem_len=-4", "seq.mem_len"),
-                                             ("seq.ext_len=16", "seq.ext_len"), ("model.n_head=0", "n_head")])
+                                             ("seq.ext_len=16", "seq.ext_len"), ("model.n_head=0", "n_head"),
+                                             ("trainer.peak_flops=-1", "trainer.peak_flops")])
 def test_bad_lengths(override, needle, tmp_path, corpus_files, run_cli):
     r = run_cli("train", *tiny_train_args(corpus_files, tmp_path), override)
     assert r.returncode != 0 and needle in _last_line(r), r.stderr[-1500:]

@@ -38,6 +38,11 @@ def test_train_writes_step_checkpoints_metrics_and_summary(trained):
     # it learned: the last losses are well below the first (char vocab ~ 90: ln 90 = 4.5)
     first, last = float(losses[0]), sum(float(losses[k]) for k in range(25, 30)) / 5
     assert last < first - 0.5
+    import csv
+    with open(d / "metrics.csv") as f:  # every step also logs throughput and a sane MFU
+        rows = [row for row in csv.DictReader(f) if row.get("mfu")]
+    assert len(rows) == 30 and all(float(row["tokens_per_s"]) > 0 and 0 < float(row["mfu"]) < 1 for row in rows)
+    assert all(row.get(k) for k in ("grad_norm", "lr") for row in rows[1:])
     ck = torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     t = ck["txl"]
     assert t["stream"] == {"epoch": 0, "pos": 30} and len(t["mems"]) == 2 and t["mems"][0].shape == (4, 16, 32)

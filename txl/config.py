@@ -96,8 +96,11 @@ class TrainerNode:
     gradient_clip_val: float = 0.25
     accumulate_grad_batches: int = 1
     enable_progress_bar: bool = True
+    peak_flops: Optional[float] = None  # FLOP/s of ONE device, for the logged mfu; None: GEMM probe at start
 
     def __post_init__(self):
+        _need(self.peak_flops is None or self.peak_flops > 0,
+              f"trainer.peak_flops must be > 0 (FLOP/s of one device) or null to probe, got {self.peak_flops}")
         _need(self.max_steps > 0, f"trainer.max_steps must be > 0, got {self.max_steps}")
         _need(self.val_check_interval > 0, f"trainer.val_check_interval must be > 0, got {self.val_check_interval}")
         _need(self.log_every_n_steps > 0, f"trainer.log_every_n_steps must be > 0, got {self.log_every_n_steps}")

@@ -116,7 +116,7 @@ def run(cfg: DictConfig) -> dict:
         check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches, enable_progress_bar=t.enable_progress_bar,
-        logger=make_logger(c, run_dir), callbacks=[ckpt_cb, ThroughputMonitor()], plugins=[AtomicCheckpointIO()],
+        logger=make_logger(c, run_dir), callbacks=[ckpt_cb, ThroughputMonitor(t.peak_flops)], plugins=[AtomicCheckpointIO()],
         enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=str(run_dir),
         enable_model_summary=False,
     )
