@@ -14,11 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from txl.data import CorpusConfig
 from txl.model import TXLConfig
-
-
-def _need(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
+from txl.model.config import _need
 
 
 @dataclass
