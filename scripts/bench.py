@@ -98,7 +98,7 @@ def reset_peak_rss() -> float:
 
 
 class TxlRunner:
-    def __init__(self, weights, w: dict, device, backend: str):
+    def __init__(self, weights, w: dict, device, backend: str, mems: str = "hidden"):
         import torch
         from txl.model import TransformerXL, TXLConfig
         if weights:
@@ -115,9 +115,14 @@ class TxlRunner:
         # the backend owns no parameters: switch it in place (one copy of the weights in memory)
         self.model.cfg.attn = replace(self.model.cfg.attn, backend=backend)
         self.model.to(device)
+        # eval may keep memories as keys / values (txl-eval's default): each segment projects its
+        # T new rows only; training cannot (it needs W_k, W_v's gradient on the memory rows)
+        self.projected = mems == "projected" and not w["train"]
         self.mems = None
 
     def step(self, seg):
+        if self.mems is None and self.projected:
+            self.mems = self.model.init_mems(seg.size(0), projected=True)
         x, y = seg[:, :-1], seg[:, 1:].clone()
         y[:, -1] = -100  # the peer scores T - 1 positions per segment (it shifts inside): so do we
         out = self.model(x, mems=self.mems, labels=y)
@@ -167,7 +172,7 @@ def measure(a) -> dict:
     w = WORKLOADS[a.workload]
     dev = torch.device(a.device)
     bf16 = a.dtype == "bf16"
-    runner = TxlRunner(a.weights, w, dev, a.backend) if a.impl == "txl" else PeerRunner(a.weights, w, dev, bf16)
+    runner = TxlRunner(a.weights, w, dev, a.backend, a.mems) if a.impl == "txl" else PeerRunner(a.weights, w, dev, bf16)
     model = runner.model
     data = token_stream(w, a.warmup + a.steps).to(dev)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
@@ -247,7 +252,7 @@ def run_workload(workload: str, dtype: str, impls: list, a) -> list:
         for r in range(a.rounds):
             for impl in (impls if r % 2 == 0 else impls[::-1]):  # ABBA: neither always goes first
                 argv = ["--_measure", "--workload", workload, "--dtype", dtype, "--impl", impl, "--device", a.device,
-                        "--backend", a.backend, "--steps", str(per_round), "--warmup", str(a.warmup)]
+                        "--backend", a.backend, "--mems", a.mems, "--steps", str(per_round), "--warmup", str(a.warmup)]
                 runs[impl].append(child(argv + (["--weights", weights] if weights else [])))
     tokens = w["batch"] * w["tgt_len"]
     fpt = runs["txl"][0].get("flops_per_token") if "txl" in runs else None
@@ -265,6 +270,7 @@ def run_workload(workload: str, dtype: str, impls: list, a) -> list:
             res["peak_cuda_mb"] = round(max(r["peak_cuda_mb"] for r in rs), 1)
         if impl == "txl":
             res["backend"] = a.backend
+            res["mems"] = a.mems if not w["train"] else "hidden"
             res["txl_path"] = rs[0].get("txl_path")
         out.append(res)
     return out
@@ -318,6 +324,8 @@ def main(argv=None) -> int:
     p.add_argument("--all", action="store_true", help="every workload x dtype; writes --md and --json")
     p.add_argument("--device", default="cpu", help="cpu or cuda (skipped when CUDA is unavailable)")
     p.add_argument("--backend", default="rel_fused", help="txl attention backend")
+    p.add_argument("--mems", choices=("projected", "hidden"), default="projected",
+                   help="txl eval memories: keys / values (txl-eval's default) or hidden states (as the peer)")
     p.add_argument("--steps", type=int, default=10, help="measured steps per implementation (at least 10)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of every process")
     p.add_argument("--rounds", type=int, default=3, help="alternating processes per implementation")

@@ -123,6 +123,7 @@ def test_eval_bad_inputs(ckpt, tmp_path, run_cli):
         "missing text": ([f"ckpt_path={ckpt}", f"eval.text_file={tmp_path / 'none.txt'}"], "not found"),
         "unknown tokens": ([f"ckpt_path={ckpt}", f"eval.text_file={unknown}"], "no token known"),
         "bad length": ([f"ckpt_path={ckpt}", "seq.eval_tgt_len=0"], "eval_tgt_len"),
+        "bad mems": ([f"ckpt_path={ckpt}", "eval.mems=kv"], "eval.mems"),
     }
     for name, (args, needle) in cases.items():
         out = tmp_path / name.replace(" ", "_")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from txl.model import TXLConfig, TransformerXL, init_mems, update_mems
+from txl.model import ProjectedMems, TXLConfig, TransformerXL, init_mems, update_mems
 
 KINDS = ["relative", "absolute", "rotary", "alibi"]
 V = 64
@@ -179,3 +179,38 @@ def test_memory_passed_in_is_unchanged(kind, train):
         out.loss.backward()
     assert all(torch.equal(m, b) for m, b in zip(mems, before))
     assert all(n.data_ptr() != m.data_ptr() for n, m in zip(out.mems, mems))
+
+
+# ---- projected memories (keys / values) for inference -----------------------------------------
+@pytest.mark.parametrize("kw", [dict(kind="relative"), dict(kind="rotary"), dict(kind="alibi"),
+                                dict(kind="relative", mem_init="zeros"), dict(kind="relative", ext_len=2),
+                                dict(kind="relative", clamp_len=3)])
+@pytest.mark.parametrize("pre_lnorm", [False, True])
+def test_projected_mems_equal_hidden_mems(kw, pre_lnorm):
+    """Keeping each layer's memory as its keys / values gives the same NLL, segment after segment,
+    as keeping its inputs (the keys of a position never change once computed)."""
+    model = _model(mem_len=6, **kw)
+    model.cfg.pre_lnorm = pre_lnorm  # the LayerNorm before the projection is part of what is cached
+    model.set_lengths(same_length=kw.get("kind") == "relative" and "ext_len" not in kw)
+    x, y = _data(L=20)
+    hidden, proj = None, model.init_mems(2, projected=True)
+    assert isinstance(proj, ProjectedMems) and proj[0].shape == (2, 6 if kw.get("mem_init") else 0, 64)
+    with torch.no_grad():
+        for s in range(0, 20, 4):
+            a = model(x[:, s:s + 4], mems=hidden, labels=y[:, s:s + 4])
+            b = model(x[:, s:s + 4], mems=proj, labels=y[:, s:s + 4])
+            torch.testing.assert_close(b.nll, a.nll, rtol=0, atol=1e-6)
+            assert isinstance(b.mems, ProjectedMems) and [m.size(1) for m in b.mems] == [m.size(1) for m in a.mems]
+            torch.testing.assert_close(list(b.mems), list(model.project_mems(a.mems)), rtol=0, atol=1e-6)
+            hidden, proj = a.mems, b.mems
+
+
+def test_projected_mems_refused_with_gradients_and_wrong_width():
+    model = _model(mem_len=4)
+    x, _ = _data()
+    with torch.no_grad():
+        proj = model(x[:, :4], mems=model.init_mems(2, projected=True)).mems
+    with pytest.raises(ValueError, match="inference only"):
+        model(x[:, 4:8], mems=proj)
+    with pytest.raises(ValueError, match=r"2NH=64"), torch.no_grad():
+        model(x[:, 4:8], mems=ProjectedMems(m[..., :32] for m in proj))

@@ -116,3 +116,15 @@ def test_recl_script_refuses_different_vocabularies(tmp_path, capsys):
     assert "tokenizes the text differently" in capsys.readouterr().err
     assert _script().main([a, "--text", str(text), "--r", "0"]) == 2
     assert "--r: values in (0, 1]" in capsys.readouterr().err
+
+
+def test_eval_projected_mems_equal_hidden_mems(tmp_path):
+    """txl-eval's default (memories as keys / values) scores a text exactly as hidden-state memories."""
+    _, model, tok = _ckpt(tmp_path, "m", 0)
+    ids = tok.encode(TEXT)
+    model.set_lengths(same_length=True, clamp_len=20)
+    hid, proj = TokenLosses(), TokenLosses()
+    a = evaluate_tokens(model, ids, 8, 24, batch_size=2, warmup_tokens=5, hooks=[hid], projected_mems=False)
+    b = evaluate_tokens(model, ids, 8, 24, batch_size=2, warmup_tokens=5, hooks=[proj], projected_mems=True)
+    assert a["tokens"] == b["tokens"] > 0 and b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+    np.testing.assert_allclose(proj.values(), hid.values(), atol=1e-5)

@@ -140,8 +140,8 @@ def test_need_weights_with_a_pattern_gives_the_masked_probabilities():
     T, M = 4, 6
     x, mem, pe = _inputs(T, M, "relative")
     vis = expected_visible(AttnConfig(**cfg), T, M)
-    _, prob = other(x, mem, causal_mask(T, M), pe, need_weights=True)
-    _, want = ref(x, mem, ~vis, pe, need_weights=True)
+    _, prob, _ = other(x, mem, causal_mask(T, M), pe, need_weights=True)
+    _, want, _ = ref(x, mem, ~vis, pe, need_weights=True)
     assert prob.shape == (2, 2, T, M + T)
     assert torch.equal(prob[..., ~vis], torch.zeros_like(prob[..., ~vis]))
     torch.testing.assert_close(prob, want)

@@ -188,8 +188,12 @@ class EvalNode:
     output: Optional[str] = None  # default: <run dir>/eval.json
     device: str = "cpu"
     precision: str = "32"  # 32 | bf16
+    # projected: memories kept as keys / values, so a segment projects T rows instead of M + T
+    # (~1.5x faster at long memory, 2x the memory's size); hidden: as in training (least memory)
+    mems: str = "projected"
 
     def __post_init__(self):
+        _need(self.mems in ("projected", "hidden"), f"eval.mems must be projected|hidden, got {self.mems!r}")
         _need(self.batch_size > 0, f"eval.batch_size must be > 0, got {self.batch_size}")
         _need(self.warmup_tokens >= 0, f"eval.warmup_tokens must be >= 0, got {self.warmup_tokens}")
         _need(self.split in ("train", "valid", "test"), f"eval.split must be train|valid|test, got {self.split!r}")

@@ -39,11 +39,12 @@ def fail(msg: str, code: int = 2) -> None:
 @torch.inference_mode()
 def evaluate_tokens(model, tokens: np.ndarray, tgt_len: int, mem_len: int, batch_size: int = 1,
                     warmup_tokens: int = 0, precision: str = "32", progress: bool = False,
-                    hooks: Optional[list] = None) -> dict:
+                    hooks: Optional[list] = None, projected_mems: bool = True) -> dict:
     """Score `tokens` as batch_size ordered streams, tgt_len at a time, memory carried.
 
     The first `warmup_tokens` of every stream only fill the memory (not scored). The model's
-    other lengths (clamp_len, same_length) are left as set. Returns loss (nats/token) and counts.
+    other lengths (clamp_len, same_length) are left as set. projected_mems: memories as keys / values
+    (txl.model.ProjectedMems; same result, faster). Returns loss (nats/token) and counts.
     """
     from txl.data.stream import OrderedStream
     model.eval()
@@ -65,7 +66,7 @@ def evaluate_tokens(model, tokens: np.ndarray, tgt_len: int, mem_len: int, batch
             col = batch["pos"] * tgt_len + torch.arange(ids.size(1), device=dev)
             labels = labels.masked_fill(col[None, :] < warmup_tokens, -100)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            mems_in = mems if mems is not None else model.init_mems(ids.size(0))
+            mems_in = mems if mems is not None else model.init_mems(ids.size(0), projected=projected_mems)
             out = model(ids, mems=mems_in, labels=labels)
         mems = out.mems
         nll_sum += float(out.nll.double().sum())
@@ -168,7 +169,8 @@ def run(cfg: DictConfig) -> dict:
     sweep_ctx = sweep_contexts(c.metrics, tgt, mem)
     tok_losses = TokenLosses() if sweep_ctx and mem in sweep_ctx else None
     res = evaluate_tokens(model, tokens, tgt, mem, c.eval.batch_size, c.eval.warmup_tokens, c.eval.precision,
-                          progress=sys.stderr.isatty(), hooks=metrics + ([tok_losses] if tok_losses else []))
+                          progress=sys.stderr.isatty(), hooks=metrics + ([tok_losses] if tok_losses else []),
+                          projected_mems=c.eval.mems == "projected")
     unit = getattr(tok, "unit", None) if tok is not None else None
     out = {"tokens": res["tokens"], "loss": round(res["loss"], 6), "ppl": round(res["ppl"], 4),
            "bpc": round(res["loss"] / LN2, 6) if unit else None, "unit": unit,

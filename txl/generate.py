@@ -45,7 +45,7 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
     """prompt_ids (1, P) -> (1, P + max_new_tokens). Memory carries everything before the last token."""
     model.eval()
     tgt = model.seq.tgt_len
-    mems = model.init_mems(prompt_ids.size(0))
+    mems = model.init_mems(prompt_ids.size(0), projected=True)  # keys / values: a step projects 1 row, not M + 1
     ctx = prompt_ids[:, :-1]
     for s in range(0, ctx.size(1), tgt):  # fill the memory with the prompt, a segment at a time
         mems = model(ctx[:, s:s + tgt], mems=mems).mems

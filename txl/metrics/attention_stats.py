@@ -60,7 +60,7 @@ class AttentionStats(Metric):
         dev = out.nll.device
         r = min(self.rows, batch["input_ids"].size(0))
         ids, labels = batch["input_ids"][:r].to(dev), batch["labels"][:r].to(dev)
-        mems = [m[:r] for m in mems_in]
+        mems = type(mems_in)(m[:r] for m in mems_in)  # hidden states or keys / values, as given
         M = mems[0].size(1)
         probs = model(ids, mems=mems, need_weights=True).attn  # per layer (r, N, T, K)
         rows = [torch.stack([*attention_sums(p, M, labels != IGNORE)[:2]]) for p in probs]  # (2, N) each

@@ -1,6 +1,7 @@
 """One Transformer-XL block: multi-head attention over [memory + segment], then a position-wise FF.
 
-Shapes: x (B, T, D) segment input; mem (B, M, D) cached inputs of this layer; K = M + T.
+Shapes: x (B, T, D) segment input; mem (B, M, D) cached inputs of this layer, or with mem_kv
+(B, M, 2NH) their keys / values already projected (memory.ProjectedMems); K = M + T.
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mem: torch.Tensor, blocked: torch.Tensor,
                 pos_emb: Optional[torch.Tensor] = None, u: Optional[torch.Tensor] = None,
-                v: Optional[torch.Tensor] = None, need_weights: bool = False):
+                v: Optional[torch.Tensor] = None, need_weights: bool = False, mem_kv: bool = False):
+        """-> (y (B, T, D), attention probs or None, the segment's keys / values (B, T, 2NH) when mem_kv)."""
         cfg, a = self.cfg, self.cfg.attn
         B, T, D = x.shape
         M = mem.size(1)
@@ -73,12 +75,12 @@ class MultiHeadAttention(nn.Module):
         step = max(1, self.chunk_elems // (N * T * (M + T)))
         if (step < B and not need_weights and not torch.is_grad_enabled()
                 and (blocked.dim() == 2 or blocked.size(0) == 1)):
-            ys = [self._attend(x[i:i + step], mem[i:i + step], blocked, r, u, v, lo, False)[0]
-                  for i in range(0, B, step)]
-            return torch.cat(ys), None
-        return self._attend(x, mem, blocked, r, u, v, lo, need_weights)
+            parts = [self._attend(x[i:i + step], mem[i:i + step], blocked, r, u, v, lo, False, mem_kv)
+                     for i in range(0, B, step)]
+            return torch.cat([p[0] for p in parts]), None, torch.cat([p[2] for p in parts]) if mem_kv else None
+        return self._attend(x, mem, blocked, r, u, v, lo, need_weights, mem_kv)
 
-    def _attend(self, x, mem, blocked, r, u, v, lo: int, need_weights: bool):
+    def _attend(self, x, mem, blocked, r, u, v, lo: int, need_weights: bool, mem_kv: bool = False):
         cfg, a = self.cfg, self.cfg.attn
         backend = get_backend(a.backend)
         B, T, D = x.shape
@@ -90,7 +92,11 @@ class MultiHeadAttention(nn.Module):
         hx = self.ln(x) if cfg.pre_lnorm else x
         w_q, w_kv = self.qkv.weight.split([N * H, 2 * N * H])
         q = F.linear(hx, w_q).view(B, T, N, H).transpose(1, 2)  # (B, N, T, H)
-        if not M:
+        kv_new = None
+        if mem_kv:  # the memory's keys / values were computed when it was the segment
+            kv_new = F.linear(hx, w_kv)  # (B, T, 2NH)
+            kv = torch.cat([mem.to(kv_new.dtype), kv_new], dim=1) if M else kv_new
+        elif not M:
             kv = F.linear(hx, w_kv)
         else:
             mem = mem.to(x.dtype)
@@ -125,7 +131,7 @@ class MultiHeadAttention(nn.Module):
             o, prob = sparse_attention(backend, q, k, val, pos, blocked, self.scale, Pattern(a, T, M), *args), None
         o = self.drop(self.out(o.transpose(1, 2).reshape(B, T, N * H)))  # (B, T, D)
         y = x + o if cfg.pre_lnorm else self.ln(x + o)
-        return y, prob
+        return y, prob, kv_new
 
 
 class PositionwiseFF(nn.Module):
@@ -149,6 +155,6 @@ class Block(nn.Module):
         self.attn = MultiHeadAttention(cfg)
         self.ff = PositionwiseFF(cfg)
 
-    def forward(self, x, mem, blocked, pos_emb=None, u=None, v=None, need_weights=False):
-        y, prob = self.attn(x, mem, blocked, pos_emb, u, v, need_weights)
-        return self.ff(y), prob
+    def forward(self, x, mem, blocked, pos_emb=None, u=None, v=None, need_weights=False, mem_kv=False):
+        y, prob, kv = self.attn(x, mem, blocked, pos_emb, u, v, need_weights, mem_kv)
+        return self.ff(y), prob, kv

@@ -8,6 +8,18 @@ from __future__ import annotations
 import torch
 
 
+class ProjectedMems(list):
+    """Memories kept as each layer's keys / values (B, M, 2*N*H) instead of its inputs (B, M, D).
+
+    For inference only (torch.no_grad / inference_mode): keys and values of a memory position never
+    change once computed (relative positions enter through R, not through the keys), so a layer
+    projects only its T new rows instead of all M + T each segment. Costs 2*N*H / D times the
+    memory of hidden-state mems (2x in the usual N*H = D). Training cannot use it: the loss needs
+    the gradient of W_k, W_v on the memory rows. `model.init_mems(B, projected=True)` or
+    `model.project_mems(mems)` make one; the model hands back the same type in `out.mems`.
+    """
+
+
 def init_mems(n_layer: int, batch_size: int, d_model: int, mem_len: int, mode: str,
               device=None, dtype=None) -> list[torch.Tensor]:
     """`empty`: no memory on the first segment (original PyTorch code).
@@ -29,5 +41,6 @@ def update_mems(hids: list[torch.Tensor], mems: list[torch.Tensor], mem_len: int
     end = M + max(0, T - ext_len)
     beg = max(0, end - mem_len)
     # one copy: the kept tail of the old memory and the kept head of the segment, concatenated
-    return [torch.cat([m[:, beg:].to(h.dtype), h[:, max(0, beg - M): end - M]], dim=1).detach()
-            for h, m in zip(hids, mems)]
+    new = [torch.cat([m[:, beg:].to(h.dtype), h[:, max(0, beg - M): end - M]], dim=1).detach()
+           for h, m in zip(hids, mems)]
+    return type(mems)(new) if isinstance(mems, ProjectedMems) else new

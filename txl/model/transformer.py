@@ -1,6 +1,7 @@
 """TransformerXL: adaptive embedding -> blocks over [memory + segment] -> adaptive softmax.
 
-Batch-first: input_ids (B, T); mems: one (B, M, D) tensor per layer; labels (B, T) where
+Batch-first: input_ids (B, T); mems: one (B, M, D) tensor per layer (or, for inference, one
+(B, M, 2NH) tensor of keys / values per layer: memory.ProjectedMems); labels (B, T) where
 labels[b, t] is the target of position t (already shifted), -100 = not scored.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn as nn
 from .adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax, tie_adaptive
 from .attention import causal_mask, get_backend
 from .config import SeqConfig, TXLConfig
-from .memory import init_mems, update_mems
+from .memory import ProjectedMems, init_mems, update_mems
 from .positions import relative_distances, sinusoid
 
 IGNORE = -100
@@ -81,10 +82,24 @@ class TransformerXL(nn.Module):
             raise ValueError(f"unknown length field(s) {sorted(unknown)}; valid: {[f.name for f in fields(SeqConfig)]}")
         self.cfg.seq = replace(self.cfg.seq, **kw)  # re-validates
 
-    def init_mems(self, batch_size: int) -> list[torch.Tensor]:
+    def init_mems(self, batch_size: int, projected: bool = False) -> list[torch.Tensor]:
+        """The first segment's memories; projected=True: as keys / values (inference only)."""
         p = next(self.parameters())
-        return init_mems(self.cfg.n_layer, batch_size, self.cfg.d_model, self.seq.mem_len,
+        mems = init_mems(self.cfg.n_layer, batch_size, self.cfg.d_model, self.seq.mem_len,
                          self.cfg.mem_init, p.device, p.dtype)
+        return self.project_mems(mems) if projected else mems
+
+    @torch.no_grad()
+    def project_mems(self, mems: list) -> ProjectedMems:
+        """Hidden-state memories (B, M, D) per layer -> their keys / values (B, M, 2NH) per layer."""
+        if isinstance(mems, ProjectedMems):
+            return mems
+        out = ProjectedMems()
+        for block, m in zip(self.blocks, mems):
+            at = block.attn
+            w_kv = at.qkv.weight[self.cfg.n_head * self.cfg.d_head:]  # (2NH, D)
+            out.append(torch.nn.functional.linear(at.ln(m) if self.cfg.pre_lnorm else m, w_kv))
+        return out
 
     # ---- forward ---------------------------------------------------------------------------
     def _check(self, input_ids, mems, labels):
@@ -113,12 +128,18 @@ class TransformerXL(nn.Module):
             if not isinstance(mems, (list, tuple)) or len(mems) != cfg.n_layer:
                 got = len(mems) if isinstance(mems, (list, tuple)) else type(mems).__name__
                 raise ValueError(f"mems must be a list with one tensor per layer ({cfg.n_layer}), got {got}")
+            projected = isinstance(mems, ProjectedMems)
+            width, what = (2 * cfg.n_head * cfg.d_head, "2NH") if projected else (cfg.d_model, "D")
             for i, m in enumerate(mems):
-                if (not torch.is_tensor(m) or m.dim() != 3 or m.size(0) != B or m.size(2) != cfg.d_model
+                if (not torch.is_tensor(m) or m.dim() != 3 or m.size(0) != B or m.size(2) != width
                         or m.size(1) != mems[0].size(1)):
                     got = tuple(m.shape) if torch.is_tensor(m) else type(m).__name__
-                    raise ValueError(f"mems[{i}] must be a tensor [B={B}, M, D={cfg.d_model}] with the same M "
+                    raise ValueError(f"mems[{i}] must be a tensor [B={B}, M, {what}={width}] with the same M "
                                      f"in every layer, got {got}")
+            if projected and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+                raise ValueError("mems: projected (key / value) memories are for inference only; run under "
+                                 "torch.no_grad() or torch.inference_mode() (training needs W_k, W_v's gradient "
+                                 "on the memory rows)")
 
     def forward(self, input_ids: torch.Tensor, mems: Optional[list] = None, labels: Optional[torch.Tensor] = None,
                 return_log_probs: bool = False, need_weights: bool = False) -> TXLOutput:
@@ -127,7 +148,8 @@ class TransformerXL(nn.Module):
         B, T = input_ids.shape
         # Stop-gradient on the memory (Dai et al. 2019 eq. 1), also for memories handed in that
         # still carry a graph or require grad: no gradient may ever reach them.
-        mems = self.init_mems(B) if mems is None else [m.detach() for m in mems]
+        mems = self.init_mems(B) if mems is None else type(mems)(m.detach() for m in mems)
+        kv = isinstance(mems, ProjectedMems)
         M = mems[0].size(1)
         K = M + T
         x = self.embed(input_ids)  # (B, T, D)
@@ -144,8 +166,9 @@ class TransformerXL(nn.Module):
         h = self.drop(x)
         hids, probs = [], []
         for block, mem in zip(self.blocks, mems):
-            hids.append(h)
-            h, p = block(h, mem, blocked, pos_emb, u, v, need_weights)
+            h_in = h
+            h, p, kv_new = block(h, mem, blocked, pos_emb, u, v, need_weights, kv)
+            hids.append(kv_new if kv else h_in)  # what the next segment's memory keeps
             probs.append(p)
         h = self.drop(h)
         out = TXLOutput(mems=update_mems(hids, mems, seq.mem_len, seq.ext_len), hidden=h,
