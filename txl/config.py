@@ -189,7 +189,7 @@ class EvalNode:
     device: str = "cpu"
     precision: str = "32"  # 32 | bf16
     # projected: memories kept as keys / values, so a segment projects T rows instead of M + T
-    # (~1.5x faster at long memory, 2x the memory's size); hidden: as in training (least memory)
+    # (1.3-1.5x faster at long memory, 2x the memory's size); hidden: as in training (least memory)
     mems: str = "projected"
 
     def __post_init__(self):
