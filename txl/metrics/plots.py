@@ -81,11 +81,8 @@ def plot_context(records: Sequence[dict], path) -> Optional[str]:
         ax.plot([math.sqrt(x["lo"] * (x["hi"] + 1)) for x in b], [x["loss"] for x in b], marker="o",
                 color=(0.1, 0.5, 0.2, shade), label=f"step {r['step']}" if k == len(recs) - 1 else None)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("available context (keys one layer may attend to, log2 buckets)")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title("loss by available context")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _axes(ax, "available context (keys one layer may attend to, log2 buckets)", "loss (nats/token)",
+          "loss by available context")
     return _save(fig, path)
 
 
@@ -127,11 +124,7 @@ def plot_recall(records: Sequence[dict], path, chance: Optional[float] = None) -
     if chance:
         ax.axhline(chance, ls=":", color="gray", label="chance")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("distance D to the token to recall")
-    ax.set_ylabel("recall accuracy")
-    ax.set_title("synthetic recall")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _axes(ax, "distance D to the token to recall", "recall accuracy", "synthetic recall")
     return _save(fig, path)
 
 
