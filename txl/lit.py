@@ -104,7 +104,10 @@ class TXLModule(pl.LightningModule):
     def _eval_step(self, batch):
         ids, labels = batch["input_ids"], batch["labels"]
         if batch["reset"] or self.eval_mems is None:
-            self.eval_mems = self.model.init_mems(ids.size(0))
+            # keys / values (ProjectedMems): each segment projects T rows, not eval_mem_len + T. Not
+            # under FSDP: projecting reads W_k, W_v outside a block's forward, where they are sharded.
+            fsdp = type(self.trainer.strategy).__name__.startswith("FSDP") if self._trainer is not None else False
+            self.eval_mems = self.model.init_mems(ids.size(0), projected=not fsdp)
         mems_in = self.eval_mems
         out = self.model(ids, mems=mems_in, labels=labels)
         self.eval_mems = out.mems
