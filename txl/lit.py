@@ -106,7 +106,8 @@ class TXLModule(pl.LightningModule):
         if batch["reset"] or self.eval_mems is None:
             # keys / values (ProjectedMems): each segment projects T rows, not eval_mem_len + T. Not
             # under FSDP: projecting reads W_k, W_v outside a block's forward, where they are sharded.
-            fsdp = type(self.trainer.strategy).__name__.startswith("FSDP") if self._trainer is not None else False
+            from pytorch_lightning.strategies import FSDPStrategy
+            fsdp = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
             self.eval_mems = self.model.init_mems(ids.size(0), projected=not fsdp)
         mems_in = self.eval_mems
         out = self.model(ids, mems=mems_in, labels=labels)

@@ -46,6 +46,11 @@ class MultiHeadAttention(nn.Module):
             self.score_k = nn.Parameter(torch.zeros(N, H, H))
             self.score_w = nn.Parameter(torch.zeros(N, H))
 
+    def project_kv(self, h: torch.Tensor) -> torch.Tensor:
+        """Keys / values of layer inputs h (B, L, D) -> (B, L, 2NH): what ProjectedMems keep."""
+        w_kv = self.qkv.weight[self.cfg.n_head * self.cfg.d_head:]
+        return F.linear(self.ln(h) if self.cfg.pre_lnorm else h, w_kv)
+
     # no-grad calls over a long memory attend a few batch rows at a time, so that every (T, K)
     # transient (keys / values, position scores, the kernel's bias) shrinks by the chunk factor
     # while the GEMMs stay large (K rows each). 2**22 elements: 16 MB of fp32 scores per chunk.

@@ -34,7 +34,8 @@ def update_mems(hids: list[torch.Tensor], mems: list[torch.Tensor], mem_len: int
     """New memory = last mem_len positions of [old memory + this segment], minus the trailing
     ext_len positions (they come back as the next segment's extended context).
 
-    hids: per layer (B, T, D); mems: per layer (B, M, D). Returns fresh tensors, (B, M', D),
+    hids: per layer (B, T, X); mems: per layer (B, M, X), X = D (hidden states) or 2NH
+    (ProjectedMems, whose type is kept). Returns fresh tensors, (B, M', X),
     M' = min(mem_len, M + T - ext_len).
     """
     T, M = hids[0].size(1), mems[0].size(1)

@@ -94,12 +94,7 @@ class TransformerXL(nn.Module):
         """Hidden-state memories (B, M, D) per layer -> their keys / values (B, M, 2NH) per layer."""
         if isinstance(mems, ProjectedMems):
             return mems
-        out = ProjectedMems()
-        for block, m in zip(self.blocks, mems):
-            at = block.attn
-            w_kv = at.qkv.weight[self.cfg.n_head * self.cfg.d_head:]  # (2NH, D)
-            out.append(torch.nn.functional.linear(at.ln(m) if self.cfg.pre_lnorm else m, w_kv))
-        return out
+        return ProjectedMems(block.attn.project_kv(m) for block, m in zip(self.blocks, mems))
 
     # ---- forward ---------------------------------------------------------------------------
     def _check(self, input_ids, mems, labels):
