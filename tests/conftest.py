@@ -76,3 +76,22 @@ def read_losses(run_dir) -> dict[int, str]:
             if r.get("train_loss"):
                 out[int(r["step"])] = r["train_loss"]
     return out
+
+
+def _shared_data_dir() -> Path | None:
+    """../shared/data beside the checkout (tests and benchmarks only), or $TXL_SHARED_DATA."""
+    for cand in (os.environ.get("TXL_SHARED_DATA"), ROOT.parent / "shared" / "data"):
+        if cand and (Path(cand) / "wikitext-2" / "valid.txt").is_file():
+            return Path(cand)
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """WikiText-2 valid/test and Tiny Shakespeare; CI has them, so a missing copy fails under CI=true."""
+    d = _shared_data_dir()
+    if d is None:
+        if os.environ.get("CI"):
+            pytest.fail("../shared/data is missing (set TXL_SHARED_DATA)")
+        pytest.skip("../shared/data not found (set TXL_SHARED_DATA)")
+    return d
