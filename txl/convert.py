@@ -1,19 +1,35 @@
-"""Import Transformer-XL checkpoints into txl: Hugging Face TransfoXL and the original PyTorch code.
+"""Import Transformer-XL checkpoints into txl: Hugging Face TransfoXL, the original PyTorch code and
+NVIDIA DeepLearningExamples' port of it.
 
     from_hf(dir)                    a `TransfoXLLMHeadModel.save_pretrained` directory (config.json +
                                     model.safetensors or pytorch_model.bin, sharded or not)
-    from_original(ckpt, config)     kimiyoung/transformer-xl `torch.save(model)` of MemTransformerLM,
-                                    or its state_dict
+    from_original(ckpt, config)     kimiyoung/transformer-xl `torch.save(model)` of MemTransformerLM, or
+                                    its state_dict; NVIDIA's checkpoint dict (model_config, model_state,
+                                    vocab) or its state_dict (names detected, or nvidia=True)
     hf_tokenizer_state(dir)         the TransfoXL word vocabulary (vocab.pkl / vocab.bin), or None
-    txl-convert --hf DIR | --original CKPT [--config JSON] --out FILE.pt
+    original_tokenizer_state(f)     the original code's word vocabulary: corpus cache, Vocab, vocab file
+    txl-convert --hf DIR | --original CKPT [--config JSON] [--vocab F] [--nvidia] --out FILE.pt [--force]
 
 Never imports transformers. Nothing here executes code from a checkpoint: pickles are read with
 an unpickler that builds only tensors and plain containers and replaces every other class by an
 inert stand-in (_Opaque) that just keeps its state.
 
-Reference quirks undone here (see /work/shared/ANCHORS.md): HF starts from mem_len zero vectors
-(mem_init="zeros"), the original code from no memory ("empty"); the original adaptive softmax
-reads tail cluster i at head column -i, txl at cutoffs[0]+i-1, so cluster rows are reversed.
+Reference quirks undone here:
+- memory at the first segment: HF attends to mem_len zero vectors (mem_init="zeros"), the original
+  and NVIDIA code start from no memory (mem_init="empty");
+- the original (and NVIDIA) adaptive softmax reads tail cluster i at head column -i, txl (like TF
+  and HF) at column cutoffs[0] + i - 1: the cluster rows are stored reversed;
+- NVIDIA names the output layers crit.out_layers_weights.i / crit.out_layers_biases.i, leaves tied
+  tensors out of its state dict (a missing output table is the input embedding's, a missing output
+  projection crit.shared_out_projs, i.e. the embedding's projection) and keeps one u, v for all layers;
+- the original's vocabulary has no fixed ids: it is kept as its id -> symbol table.
+
+Not importable (refused with one line): attn_type != 0. attn_type=2 (the "vanilla" absolute model)
+differs from txl's kind=absolute in ways no weight mapping can express: it adds sinusoids of
+*descending* positions (K-1 ... 0, the segment's at T-1 ... 0) where txl uses ascending window
+positions; it adds them once more, in place, to the layer-0 memory, which then carries two
+encodings and, when mem_len > tgt_len, keeps accumulating them across segments; and with pre_lnorm
+its queries are projected from the un-normalised input.
 """
 from __future__ import annotations
 
@@ -125,10 +141,15 @@ def _txl_config(d: dict, defaults: dict, where: str, mem_init: str) -> TXLConfig
         d["vocab_size"] = d["n_token"]
     g = {**defaults, **d}
     missing = [k for k in _REQUIRED if g.get(k) is None]
+    if missing and defaults is _ORIG_DEFAULTS:  # a bare state dict: the sizes must come from --config
+        names = ["n_token" if k == "vocab_size" else k for k in _REQUIRED]
+        raise ValueError(f"{where}: missing config value {names[_REQUIRED.index(missing[0])]!r}: the checkpoint does "
+                         f"not carry it; give the hyper-parameters with --config JSON (MemTransformerLM "
+                         f"argument names; needed: {', '.join(names)})")
     if missing:
         raise ValueError(f"{where}: missing config value {missing[0]!r} (needed: {list(_REQUIRED)})")
-    if g["attn_type"] != 0:
-        raise ValueError(f"{where}: attn_type={g['attn_type']!r} is not supported; txl implements only "
+    if g["attn_type"] != 0:  # why attn_type=2 cannot map onto kind=absolute: see the module docstring
+        raise ValueError(f"{where}: attn_type={g['attn_type']!r} is not supported; txl imports only "
                          f"attn_type=0 (the paper's relative attention)")
     if g["sample_softmax"] is not None and g["sample_softmax"] > 0:
         raise ValueError(f"{where}: sample_softmax={g['sample_softmax']} is not supported; need <= 0 (full softmax)")
@@ -286,11 +307,32 @@ def from_hf(path) -> TransformerXL:
     return _build(cfg, sd, "transformer.", str(d / name))
 
 
-def hf_tokenizer_state(path) -> Optional[dict]:
-    """The TransfoXL vocabulary of an HF directory (vocab.pkl or vocab.bin) as a txl tokenizer state.
+def _word_state(vocab: dict, where: str) -> dict:
+    """A Vocab's attributes (idx2sym, lower_case, delimiter) -> txl word tokenizer state.
 
     txl's word tokenizer fixes <unk>=0, <eos>=1; a vocabulary ordered otherwise (WT103 puts <eos>
-    at 0) is kept as {'kind': 'word', 'idx2sym': [...]} so no id changes meaning."""
+    at 0) is kept as {'kind': 'word', 'idx2sym': [...]} so no id changes meaning. Its encoding is
+    the original's: each line split on whitespace, lower-cased when lower_case, then <eos>."""
+    idx2sym = vocab.get("idx2sym")
+    if not isinstance(idx2sym, list) or not idx2sym or not all(isinstance(s, str) for s in idx2sym):
+        raise ValueError(f"{where}: no 'idx2sym' list of strings (not a Transformer-XL word vocabulary)")
+    if vocab.get("delimiter") is not None:  # '' = characters; txl's word tokenizer splits on whitespace
+        raise ValueError(f"{where}: the vocabulary splits lines on {vocab['delimiter']!r}; txl's word "
+                         f"tokenizer splits on whitespace only")
+    if len(set(idx2sym)) != len(idx2sym):
+        raise ValueError(f"{where}: the vocabulary lists a symbol twice")
+    for s in ("<unk>", "<eos>"):
+        if s not in idx2sym:
+            raise ValueError(f"{where}: the vocabulary has no {s!r}; txl's word tokenizer needs '<unk>' (unknown "
+                             f"words) and '<eos>' (end of every line)")
+    lower = bool(vocab.get("lower_case", False))
+    if idx2sym[:2] == ["<unk>", "<eos>"]:
+        return {"kind": "word", "words": idx2sym[2:], "lower": lower}
+    return {"kind": "word", "idx2sym": idx2sym, "lower": lower}
+
+
+def hf_tokenizer_state(path) -> Optional[dict]:
+    """The TransfoXL vocabulary of an HF directory (vocab.pkl or vocab.bin) as a txl tokenizer state."""
     d = Path(path)
     for name in ("vocab.pkl", "vocab.bin"):
         f = d / name
@@ -304,14 +346,7 @@ def hf_tokenizer_state(path) -> Optional[dict]:
                 raise ValueError(f"{f}: cannot read ({_first_line(e)})") from None
         else:
             vocab = _safe_torch_load(f)
-        idx2sym = vocab.get("idx2sym") if isinstance(vocab, dict) else None
-        if not isinstance(idx2sym, list) or not all(isinstance(s, str) for s in idx2sym):
-            raise ValueError(f"{f}: no 'idx2sym' list of strings (not a TransfoXL vocabulary)")
-        lower = bool(vocab.get("lower_case", False))
-        if idx2sym[:2] == ["<unk>", "<eos>"] and len(set(idx2sym)) == len(idx2sym):
-            return {"kind": "word", "words": idx2sym[2:], "lower": lower}
-        return {"kind": "word", "idx2sym": idx2sym, "lower": lower,
-                "unk_id": vocab.get("sym2idx", {}).get("<unk>"), "eos_id": vocab.get("sym2idx", {}).get("<eos>")}
+        return _word_state(vocab if isinstance(vocab, dict) else {}, str(f))
     return None
 
 
@@ -367,12 +402,53 @@ def _infer_ties(cfg: dict, sd: dict) -> dict:
     return cfg
 
 
-def from_original(state_dict_or_path, config_dict: Optional[dict] = None) -> TransformerXL:
+_NVIDIA_NAME = re.compile(r"crit\.(out_layers_weights|out_layers_biases|shared_out_projs)\.\d+")
+
+
+def _nvidia_to_original(sd: dict, where: str) -> dict:
+    """NVIDIA DeepLearningExamples state-dict names -> the original's, tied tensors filled in.
+
+    NVIDIA's ProjectedAdaptiveLogSoftmax keeps its tables in ParameterLists out_layers_weights /
+    out_layers_biases; tied tables are a plain list of the embedding's weights (not saved), tied
+    projections are None in out_projs and read from shared_out_projs, the embedding's own
+    emb_projs registered a second time (saved twice: the copies must agree)."""
+    if any(re.fullmatch(r"crit\.out_layers\.\d+\.(weight|bias)", k) for k in sd):
+        raise ValueError(f"{where}: --nvidia, but the checkpoint has the original's names (crit.out_layers.i.*)")
+    out, shared = {}, {}
+    for k, t in sd.items():
+        m = re.fullmatch(r"crit\.(out_layers_weights|out_layers_biases|shared_out_projs)\.(\d+)", k)
+        if m is None:
+            out[k] = t
+        elif m[1] == "shared_out_projs":
+            shared[int(m[2])] = t
+        else:
+            out[f"crit.out_layers.{m[2]}.{'weight' if m[1] == 'out_layers_weights' else 'bias'}"] = t
+    for j, t in shared.items():
+        e = out.get(f"word_emb.emb_projs.{j}")
+        if e is None or e.shape != t.shape or not torch.equal(e, t):
+            raise ValueError(f"{where}: tensor 'crit.shared_out_projs.{j}' is not a copy of 'word_emb.emb_projs.{j}'")
+    n_tables = sum(1 for k in out if re.fullmatch(r"crit\.out_layers\.\d+\.bias", k))
+    for i in range(n_tables):  # no output table saved: tied to the input embedding's
+        w, e = f"crit.out_layers.{i}.weight", f"word_emb.emb_layers.{i}.weight"
+        if w not in out and e in out:
+            out[w] = out[e]
+    n_clusters = out["crit.cluster_weight"].size(0) + 1 if "crit.cluster_weight" in out else 1
+    for i in range(n_clusters):  # no output projection saved: tied (NVIDIA's get_out_proj)
+        tied = shared.get(0) if len(shared) == 1 else shared.get(i)
+        if f"crit.out_projs.{i}" not in out and tied is not None:
+            out[f"crit.out_projs.{i}"] = tied
+    return out
+
+
+def from_original(state_dict_or_path, config_dict: Optional[dict] = None, nvidia: Optional[bool] = None,
+                  where: Optional[str] = None) -> TransformerXL:
     """kimiyoung/transformer-xl checkpoint (torch.save(model) of MemTransformerLM, or its state_dict)
-    + its hyper-parameters (MemTransformerLM argument names: n_token, n_layer, n_head, d_model, d_head,
-    d_inner, tgt_len, mem_len, cutoffs, div_val, d_embed, ...). Values a pickled model carries are read
-    off it; config_dict overrides them. Ties not given are inferred (identical copies)."""
-    where = "original checkpoint"
+    or NVIDIA DeepLearningExamples' (its checkpoint dict with model_config / model_state, or the
+    state_dict) + its hyper-parameters (MemTransformerLM argument names: n_token, n_layer, n_head,
+    d_model, d_head, d_inner, tgt_len, mem_len, cutoffs, div_val, d_embed, ...). Values a pickled
+    model or NVIDIA's model_config carry are read off it; config_dict overrides them. Ties not given
+    are inferred (identical copies). nvidia: NVIDIA's tensor names (None: detected)."""
+    where = where or "original checkpoint"
     obj = state_dict_or_path
     if isinstance(obj, (str, Path)):
         where = str(obj)
@@ -381,6 +457,8 @@ def from_original(state_dict_or_path, config_dict: Optional[dict] = None) -> Tra
         obj = _safe_torch_load(Path(obj))
     attrs = {}
     if isinstance(obj, dict) and not all(torch.is_tensor(v) for v in obj.values()):
+        if isinstance(obj.get("model_config"), dict):  # NVIDIA's train.py saves the constructor's arguments
+            attrs = {k: v for k, v in obj["model_config"].items() if isinstance(v, (int, float, bool, list))}
         for k in ("model", "model_state", "state_dict", "model_state_dict"):  # wrapped checkpoints
             if k in obj:
                 obj = obj[k]
@@ -388,7 +466,7 @@ def from_original(state_dict_or_path, config_dict: Optional[dict] = None) -> Tra
     while isinstance(obj, _Opaque) and set(_state_of(obj).get("_modules") or {}) == {"module"}:
         obj = _state_of(obj)["_modules"]["module"]  # saved inside nn.DataParallel
     if isinstance(obj, _Opaque):
-        attrs, sd = _module_attrs(obj), {}
+        attrs, sd = {**attrs, **_module_attrs(obj)}, {}
         _flatten(obj, "", sd)
     elif isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
         sd = dict(obj)
@@ -396,9 +474,55 @@ def from_original(state_dict_or_path, config_dict: Optional[dict] = None) -> Tra
         raise ValueError(f"{where}: neither a pickled MemTransformerLM nor a state dict of tensors")
     if sd and all(k.startswith("module.") for k in sd):  # saved from nn.DataParallel
         sd = {k[len("module."):]: v for k, v in sd.items()}
+    if nvidia or (nvidia is None and any(_NVIDIA_NAME.fullmatch(k) for k in sd)):
+        sd = _nvidia_to_original(sd, where)
     cfg_d = _infer_ties({**attrs, **(config_dict or {})}, sd)
     cfg = _txl_config(cfg_d, _ORIG_DEFAULTS, f"{where} config", "empty")
     return _build(cfg, sd, "", where, reverse_clusters=True)
+
+
+def _vocab_attrs(obj) -> Optional[dict]:
+    """The Vocab inside what torch.save wrote: a Vocab, a Corpus (its .vocab), a dict with 'vocab'
+    (NVIDIA's checkpoint) or a dict of Vocab attributes (HF)."""
+    for _ in range(3):
+        st = _state_of(obj) if isinstance(obj, _Opaque) else obj if isinstance(obj, dict) else None
+        if st is None:
+            return None
+        if "idx2sym" in st:
+            return st
+        obj = st.get("vocab")
+    return None
+
+
+def original_tokenizer_state(path) -> dict:
+    """The original code's (or NVIDIA's) word vocabulary as a txl tokenizer state, from its corpus
+    cache (`cache.pt`: torch.save of the Corpus), a saved Vocab, an NVIDIA checkpoint (its 'vocab'),
+    or a vocabulary file: one symbol per line, the first field of each line (Vocab._build_from_file;
+    blank lines skipped, repeats keep their first id), read case-sensitively."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--vocab: no such file: {p}")
+    with open(p, "rb") as fh:
+        head = fh.read(4)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save (zip / legacy) or a pickle
+        try:
+            obj = _safe_torch_load(p)
+        except ValueError:
+            try:
+                with open(p, "rb") as fh:
+                    obj = _SafeUnpickler(fh).load()
+            except Exception as e:
+                raise ValueError(f"--vocab: cannot read {p} ({_first_line(e)})") from None
+        vocab = _vocab_attrs(obj)
+        if vocab is None:
+            raise ValueError(f"--vocab: {p} holds no word vocabulary (no idx2sym; BPE vocabularies do not import)")
+        return _word_state(vocab, f"--vocab {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--vocab: cannot read {p} ({_first_line(e)})") from None
+    syms = list(dict.fromkeys(line.split()[0] for line in text.splitlines() if line.strip()))
+    return _word_state({"idx2sym": syms, "lower_case": False}, f"--vocab {p}")
 
 
 # ---- CLI ----------------------------------------------------------------------------------------
@@ -412,27 +536,43 @@ def main(argv=None) -> int:
     p = _Parser(prog="txl-convert", description="Convert a Transformer-XL checkpoint into a txl model file.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", metavar="DIR", help="TransfoXLLMHeadModel.save_pretrained directory")
-    src.add_argument("--original", metavar="CKPT", help="kimiyoung/transformer-xl torch.save(model) file")
+    src.add_argument("--original", metavar="CKPT", help="kimiyoung/transformer-xl torch.save(model) file, its "
+                     "state_dict, or an NVIDIA DeepLearningExamples checkpoint")
     p.add_argument("--config", metavar="JSON", help="hyper-parameters of --original (MemTransformerLM names)")
+    p.add_argument("--vocab", metavar="FILE", help="vocabulary of --original: its corpus cache (cache.pt) or a "
+                   "vocab file (one symbol per line); NVIDIA checkpoints carry theirs")
+    p.add_argument("--nvidia", action="store_true", help="--original has NVIDIA DeepLearningExamples tensor names "
+                   "(detected without this flag)")
     p.add_argument("--out", metavar="FILE.pt", required=True, help="txl model file to write")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     a = p.parse_args(argv)
     try:
         from txl.checkpoint import save_model
         if Path(a.out).is_dir():
             raise ValueError(f"--out: {a.out} is a directory")
+        if Path(a.out).exists() and not a.force:  # e.g. a training checkpoint: never replaced silently
+            raise ValueError(f"--out: {a.out} exists; pass --force to overwrite it")
         if a.hf:
-            if a.config:
-                raise ValueError("--config goes with --original (an HF directory has its config.json)")
+            for flag in ("config", "vocab", "nvidia"):
+                if getattr(a, flag):
+                    raise ValueError(f"--{flag} goes with --original (an HF directory has its config.json and vocab)")
             model, tok = from_hf(a.hf), hf_tokenizer_state(a.hf)
-            if tok is not None:
-                n = len(tok.get("idx2sym") or tok["words"]) + (0 if "idx2sym" in tok else 2)
-                if n != model.cfg.vocab_size:
-                    raise ValueError(f"{a.hf}: the vocabulary has {n} symbols, the model {model.cfg.vocab_size}")
             meta = {"source": f"hf:{Path(a.hf).resolve()}", "hf_config": _read_json(Path(a.hf) / "config.json", "hf config")}
         else:
             cfg = _read_json(Path(a.config), "--config") if a.config else None
-            model, tok = from_original(a.original, cfg), None
+            if not Path(a.original).is_file():
+                raise ValueError(f"--original: no such file: {a.original}")
+            ck = _safe_torch_load(Path(a.original))  # read once: weights and (NVIDIA) vocabulary
+            model = from_original(ck, cfg, nvidia=True if a.nvidia else None, where=a.original)
+            vocab = _vocab_attrs(ck) if isinstance(ck, dict) else None
+            tok = original_tokenizer_state(a.vocab) if a.vocab else \
+                _word_state(vocab, f"{a.original} vocab") if vocab is not None else None
             meta = {"source": f"original:{Path(a.original).resolve()}", "config": cfg}
+        if tok is not None:
+            n = len(tok.get("idx2sym") or tok["words"]) + (0 if "idx2sym" in tok else 2)
+            if n != model.cfg.vocab_size:
+                raise ValueError(f"{a.vocab or a.hf or a.original}: the vocabulary has {n} symbols, "
+                                 f"the model {model.cfg.vocab_size}")
         save_model(a.out, model, tok, meta=meta)
     except Exception as e:  # every failure: one line, nothing written (save_model is atomic)
         msg = str(e).strip().splitlines()[0] if isinstance(e, ValueError) and str(e).strip() else _first_line(e)
@@ -440,7 +580,7 @@ def main(argv=None) -> int:
         return 2
     n = sum(p.numel() for p in model.parameters())
     print(f"txl-convert: wrote {a.out} ({n:,} parameters, vocab {model.cfg.vocab_size}"
-          f"{', with tokenizer' if tok else ''})")
+          f"{', with tokenizer' if tok else ', no vocabulary: txl-eval cannot score text without --vocab'})")
     return 0
 
 

@@ -150,8 +150,9 @@ def run(cfg: DictConfig) -> dict:
     clamp = c.seq.clamp_len if c.seq.clamp_len is not None else ms.clamp_len
     same = c.seq.same_length if c.seq.same_length is not None else ms.same_length
     model.set_lengths(tgt_len=tgt, mem_len=mem, clamp_len=clamp, same_length=same, ext_len=0)
-    if tok_state is None and not c.eval.text_file:
-        raise ValueError("ckpt_path: this checkpoint carries no vocabulary; nothing to tokenize with")
+    if tok_state is None:  # e.g. txl-convert --original without --vocab
+        raise ValueError(f"ckpt_path: {c.ckpt_path} carries no vocabulary, so no text can be tokenized for it "
+                         f"(txl-convert --vocab adds the original's)")
     tok = tokenizer_from_state(tok_state) if tok_state is not None else None
     if c.eval.text_file:
         tokens, source = load_text_tokens(c.eval.text_file, tok), c.eval.text_file
