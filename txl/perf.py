@@ -1,17 +1,22 @@
 """Throughput accounting: a model-FLOPs formula, a GEMM peak probe, and a Lightning callback that
 logs tokens/s and MFU (model FLOPs utilisation = model FLOPs per second / peak FLOPs per second).
 
-Model FLOPs are the matmul FLOPs the model *needs* (2 per multiply-add), independent of how an
-implementation computes them: queries only for the T segment positions, keys / values for all
-K = M + T positions, the position projection once per segment (shared by the batch), attention
-scores AC and BD and the weighted sum over all K keys (masked entries included, as every dense
-kernel computes them), the feed-forward, the adaptive embedding projections and the adaptive
-softmax (tail clusters only for the tokens whose target falls in them). Elementwise work
-(LayerNorm, softmax, Adam) is not counted, as usual for MFU.
+Model FLOPs are the matmul FLOPs of the model (2 per multiply-add): queries only for the T segment
+positions, keys / values for all K = M + T positions, the position projection once per segment
+(shared by the batch) over K + 1 rows (the K distances plus the zero row the relative shift reads
+as its spare column: txl computes it inside the same GEMM), attention scores AC and BD and the
+weighted sum over all K keys (masked entries included, as every dense kernel computes them), the
+feed-forward, the adaptive embedding projections and the adaptive softmax (tail clusters only for
+the tokens that fall in them). Elementwise work (LayerNorm, softmax, Adam) is not counted, as
+usual for MFU. With the `rel_ref` backend (and the position kinds without a position term) this
+equals torch's FlopCounterMode count exactly (tests/test_perf.py); other backends' fused kernels
+are counted differently by FlopCounterMode, not computed differently.
 
 Backward = 2x forward for a matmul whose input needs a gradient, 1x (weight gradient only) where
-it does not: the memory rows' key/value projection (the memory is stop-gradient, Dai et al. eq. 1)
-and the position projection of the fixed sinusoids. So training is slightly under 3x forward.
+it does not: the position projection of the fixed sinusoids and the memory rows' key/value
+projection (the memory is stop-gradient, Dai et al. eq. 1) — except under pre_lnorm, where the
+memory rows pass through the trainable LayerNorm first, so their input gradient is needed too.
+So training is slightly under 3x forward.
 """
 from __future__ import annotations
 
@@ -41,8 +46,9 @@ def flops_breakdown(cfg, tgt_len: int, mem_len: int, batch_size: int = 1, train:
 
     tgt_len T, mem_len M: the segment and the memory actually attended (K = M + T keys).
     batch_size: only the position projection depends on it (computed once per segment).
-    cluster_fractions: share of targets in each vocabulary cluster (head first); default: the
-    clusters' share of the vocabulary. Attention patterns and additive scoring are counted as dense.
+    cluster_fractions: share of the tokens in each vocabulary cluster (head first), inputs (the
+    embedding's projections) and targets (the softmax's tails) alike, as in a token stream;
+    default: the clusters' share of the vocabulary. Attention patterns and additive scoring are counted as dense.
     """
     T, M, B = int(tgt_len), int(mem_len), int(batch_size)
     if T <= 0 or M < 0 or B <= 0:
@@ -57,9 +63,10 @@ def flops_breakdown(cfg, tgt_len: int, mem_len: int, batch_size: int = 1, train:
     full = 3.0 if train else 1.0  # forward + input grad + weight grad
     frozen_in = 2.0 if train else 1.0  # forward + weight grad only (input needs no gradient)
     rel = cfg.kind == "relative"
+    mem_in = full if cfg.pre_lnorm else frozen_in  # pre_lnorm: LN(memory) carries the LN's gradient
     layer = {
-        "qkv": full * 2 * D * 3 * NH + frozen_in * 2 * D * 2 * NH * M / T,
-        "pos_proj": frozen_in * 2 * D * NH * K / (T * B) if rel else 0.0,
+        "qkv": full * 2 * D * 3 * NH + mem_in * 2 * D * 2 * NH * M / T,
+        "pos_proj": frozen_in * 2 * D * NH * (K + 1) / (T * B) if rel else 0.0,  # + the zero spare row
         "attn": full * 2 * K * NH * (3 if rel else 2),  # AC (+ BD) + probabilities x values
         "out": full * 2 * NH * D,
         "ff": full * 4 * D * Di,
