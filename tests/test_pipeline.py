@@ -94,17 +94,47 @@ def test_eval_on_own_test_split_and_on_a_text_file(trained, tmp_path, corpus_fil
     assert (res3["mem_len"], res3["same_length"], res3["clamp_len"]) == (64, True, 40) and res3["loss"] != res["loss"]
 
 
-def test_ddp_two_processes_equal_single_process(tmp_path, corpus_files, run_cli):
+def _column(run_dir, name: str) -> dict[int, float]:
+    import csv
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return {int(r["step"]): float(r[name]) for r in csv.DictReader(f) if r.get(name)}
+
+
+def _params(ckpt) -> dict:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_ddp_equals_single_process_and_resumes_exactly(tmp_path, corpus_files, run_cli):
+    """2 ranks (gloo) vs 1 process: the same losses, the same gradient norms (a sum instead of a mean
+    over ranks doubles them while Adam's scale invariance hides it from the losses), the same
+    parameters; then trainer=ddp ckpt_path=step 4 reproduces the uninterrupted DDP run's steps 4-7."""
     common = ("trainer.max_steps=8", "trainer.val_check_interval=8", "trainer.limit_val_batches=2")
+    ddp = ("trainer=ddp", "trainer.devices=2", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=4")
     r1 = run_cli("train", *tiny_train_args(corpus_files, tmp_path / "single", *common))
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = run_cli("train", *tiny_train_args(corpus_files, tmp_path / "ddp", *common, "trainer=ddp",
-                                          "trainer.devices=2", "trainer.enable_progress_bar=false"), timeout=600)
+    r2 = run_cli("train", *tiny_train_args(corpus_files, tmp_path / "ddp", *common, *ddp), timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
     a, b = read_losses(tmp_path / "single"), read_losses(tmp_path / "ddp")
     assert sorted(a) == sorted(b) == list(range(8))
     for k in a:
         assert abs(float(a[k]) - float(b[k])) <= 1e-5, (k, a[k], b[k])
+    ga, gb = _column(tmp_path / "single", "grad_norm"), _column(tmp_path / "ddp", "grad_norm")
+    assert sorted(ga) == sorted(gb) and len(ga) == 8
+    for k in ga:
+        assert gb[k] == pytest.approx(ga[k], rel=1e-4), (k, ga[k], gb[k])
+    pa, pb = _params(tmp_path / "single" / "checkpoints" / "last.ckpt"), _params(tmp_path / "ddp" / "checkpoints" / "last.ckpt")
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], rtol=0, atol=1e-5, msg=k)
+    # resume under DDP: every rank gets its own streams' memories back, losses continue exactly
+    r3 = run_cli("train", *tiny_train_args(corpus_files, tmp_path / "resumed", *common, *ddp,
+                                          f"ckpt_path={tmp_path / 'ddp' / 'checkpoints' / 'step-000004.ckpt'}"),
+                 timeout=600)
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    c = read_losses(tmp_path / "resumed")
+    assert sorted(c) == list(range(4, 8)) and {k: b[k] for k in c} == c
+    pc = _params(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(pc[k], pb[k]) for k in pb)
 
 
 def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, corpus_files, cli_env):
