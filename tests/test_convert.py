@@ -417,6 +417,8 @@ def test_cli_original(tmp_path):
     (["--hf", "{tmp}/nope"], "not a directory"),
     (["--hf", "{tmp}/bad"], "attn_type=1"),
     (["--hf", "{tmp}/m", "--config", "{tmp}/x.json"], "--config goes with --original"),
+    (["--hf", "{tmp}/m", "--vocab", "{tmp}/x.txt"], "--vocab goes with --original"),
+    (["--original", "{tmp}/m/config.json", "--vocab", "{tmp}/x.txt"], "cannot read"),
     (["--original", "{tmp}/nope.pt"], "no such file"),
     (["--original", "{tmp}/m/config.json"], "cannot read"),
     (["--hf", "{tmp}/m", "--original", "{tmp}/x.pt"], "not allowed with argument"),
