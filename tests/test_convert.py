@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from txl.checkpoint import load_model
+from txl.eval import evaluate_tokens
 from txl.convert import from_hf, from_original, hf_tokenizer_state, main, original_tokenizer_state
 from txl.model import TransformerXL, TXLConfig
 
@@ -445,6 +446,32 @@ def test_python_m_txl_convert(tmp_path, run_cli):
     r = run_cli("convert", "--hf", str(tmp_path / "m"), "--out", str(tmp_path / "o.pt"), timeout=120)
     assert r.returncode == 0, r.stderr
     assert load_model(tmp_path / "o.pt")[0].cfg.vocab_size == V
+
+
+@pytest.mark.slow
+def test_original_with_vocab_evaluates_and_without_is_refused(tmp_path, run_cli):
+    """The issue's path: txl-convert --original, then txl-eval eval.text_file=F (AttributeError before)."""
+    model = _txl_model(untie_r=False, mem_init="empty")
+    torch.save(_orig_state(model), tmp_path / "sd.pt")
+    (tmp_path / "cfg.json").write_text(json.dumps(_orig_cfg(model)))
+    (tmp_path / "vocab.txt").write_text("\n".join(WT_ORDER) + "\n")
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(" ".join(f"w{(i * 7 + j) % 290}" for j in range(12)) for i in range(40)) + "\n")
+    base = ["--original", str(tmp_path / "sd.pt"), "--config", str(tmp_path / "cfg.json")]
+    r = run_cli("convert", *base, "--vocab", str(tmp_path / "vocab.txt"), "--out", str(tmp_path / "v.pt"), timeout=120)
+    assert r.returncode == 0 and "with tokenizer" in r.stdout, r.stderr
+    r = run_cli("eval", f"ckpt_path={tmp_path / 'v.pt'}", f"eval.text_file={text}", "seq.eval_tgt_len=8",
+                "seq.eval_mem_len=12", f"hydra.run.dir={tmp_path / 'ev'}")
+    assert r.returncode == 0, r.stderr[-1500:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    ids = torch.tensor(_original_encode(WT_ORDER, text.read_text()))
+    assert res["tokens"] == len(ids) - 1  # the original's ids, scored by the converted model:
+    model.set_lengths(tgt_len=8, mem_len=12)
+    want = evaluate_tokens(model, ids.numpy(), 8, 12)["loss"]
+    assert res["loss"] == pytest.approx(want, abs=1e-5)
+    assert main(base + ["--out", str(tmp_path / "nv.pt")]) == 0  # no vocabulary
+    r = run_cli("eval", f"ckpt_path={tmp_path / 'nv.pt'}", f"eval.text_file={text}", f"hydra.run.dir={tmp_path / 'e2'}")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "carries no vocabulary" in r.stderr, r.stderr
 
 
 # ---- NVIDIA DeepLearningExamples checkpoints -------------------------------------------------------
