@@ -402,7 +402,7 @@ def _infer_ties(cfg: dict, sd: dict) -> dict:
     return cfg
 
 
-_NVIDIA_NAME = re.compile(r"crit\.(out_layers_weights|out_layers_biases|shared_out_projs)\.\d+")
+_NVIDIA_NAME = re.compile(r"crit\.(out_layers_weights|out_layers_biases|shared_out_projs)\.(\d+)")
 
 
 def _nvidia_to_original(sd: dict, where: str) -> dict:
@@ -413,10 +413,11 @@ def _nvidia_to_original(sd: dict, where: str) -> dict:
     projections are None in out_projs and read from shared_out_projs, the embedding's own
     emb_projs registered a second time (saved twice: the copies must agree)."""
     if any(re.fullmatch(r"crit\.out_layers\.\d+\.(weight|bias)", k) for k in sd):
-        raise ValueError(f"{where}: --nvidia, but the checkpoint has the original's names (crit.out_layers.i.*)")
+        raise ValueError(f"{where}: read as NVIDIA's layout (--nvidia or detected), but it has the original's "
+                         f"names (crit.out_layers.i.*)")
     out, shared = {}, {}
     for k, t in sd.items():
-        m = re.fullmatch(r"crit\.(out_layers_weights|out_layers_biases|shared_out_projs)\.(\d+)", k)
+        m = _NVIDIA_NAME.fullmatch(k)
         if m is None:
             out[k] = t
         elif m[1] == "shared_out_projs":
