@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from txl.model import ProjectedMems, TXLConfig, TransformerXL, init_mems, update_mems
+from txl.model import KVMemory as ProjectedMems
+from txl.model import TXLConfig, TransformerXL, init_mems, update_mems
 
 KINDS = ["relative", "absolute", "rotary", "alibi"]
 V = 64
