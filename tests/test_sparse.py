@@ -239,3 +239,25 @@ def test_topk_at_least_all_keys_is_dense():
         torch.testing.assert_close(rel_ref(q, kk, v, RelativeTerm(qv, r), blocked, 0.3, topk=k)[0], dense,
                                    rtol=0, atol=0)
     assert not torch.allclose(rel_ref(q, kk, v, RelativeTerm(qv, r), blocked, 0.3, topk=2)[0], dense)
+
+
+# ---- the README's path: attention=local -> local.yaml -> AttnConfig.pattern -> registry -> Local.run --------
+def test_attention_local_reaches_local_run(monkeypatch):
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from txl.model import TransformerXL
+    from txl.model.attention import PATTERNS
+    from txl.model.attention.patterns import Local
+
+    conf = Path(__file__).resolve().parent.parent / "conf" / "attention" / "local.yaml"
+    root = OmegaConf.create({"seq": {"tgt_len": 8, "mem_len": 8}})
+    root.model = OmegaConf.merge(OmegaConf.structured(TXLConfig), OmegaConf.load(conf))
+    cfg = OmegaConf.to_object(root)["model"]
+    assert PATTERNS[cfg.attn.pattern] is Local and isinstance(get_pattern(cfg.attn), Local)
+    calls, run = [], Local.run
+    monkeypatch.setattr(Local, "run", lambda self, *a, **kw: calls.append(1) or run(self, *a, **kw))
+    model = TransformerXL(cfg)
+    model(torch.randint(0, cfg.vocab_size, (1, 8)))
+    assert len(calls) == cfg.n_layer  # each layer's attention went through Local.run
