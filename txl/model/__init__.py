@@ -4,6 +4,8 @@ from .config import AttnConfig, SeqConfig, TXLConfig
 from .memory import HiddenMemory, KVMemory, Memory, init_mems, update_mems
 from .transformer import IGNORE, TransformerXL, TXLOutput
 
+ProjectedMems = KVMemory  # the old name of the keys / values memory, importable for one release
+
 __all__ = ["BACKENDS", "causal_mask", "get_backend", "get_pattern", "register_backend", "rel_shift", "AttnConfig",
            "SeqConfig", "TXLConfig", "HiddenMemory", "KVMemory", "Memory", "init_mems", "update_mems", "IGNORE",
            "TransformerXL", "TXLOutput"]

@@ -6,7 +6,7 @@ from typing import Optional
 
 from .attention import registry
 from .attention.patterns import Dense
-from .attention.registry import POSITION_KINDS, SCORES  # noqa: F401  (re-exported)
+from .attention.registry import POSITION_KINDS
 
 MEM_INITS = ("empty", "zeros")
 

@@ -54,6 +54,12 @@ class Memory(Sequence):
     def __init__(self, layers: Iterable[torch.Tensor] = ()):
         self.layers = list(layers)
 
+    @classmethod
+    def init(cls, n_layer: int, batch_size: int, width: int, mem_len: int, mode: str, device=None,
+             dtype=None) -> "Memory":
+        """The first segment's memory (see init_mems for `mode`)."""
+        return cls(init_mems(n_layer, batch_size, width, mem_len, mode, device, dtype))
+
     def __getitem__(self, i):
         return self.layers[i]
 
@@ -85,7 +91,7 @@ class Memory(Sequence):
 
     def hidden(self, layer: int) -> torch.Tensor:
         """(B, M, D) the hidden states of `layer`, where this memory keeps them."""
-        raise ValueError(f"a {type(self).__name__} keeps keys / values, not hidden states")
+        raise NotImplementedError
 
     def projected(self, blocks) -> "KVMemory":
         """The same memory as keys / values (blocks: the model's blocks, each with attn.project_kv)."""
@@ -134,6 +140,9 @@ class KVMemory(Memory):
 
     def width(self, cfg):
         return 2 * cfg.n_head * cfg.d_head, "2NH"
+
+    def hidden(self, layer):
+        raise ValueError("a KVMemory keeps keys / values, not hidden states")
 
     @staticmethod
     def keys_values(mem, x, hx, w_kv, norm):

@@ -18,7 +18,7 @@ from .adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax, tie_adaptive
 from .attention import causal_mask
 from .block import Block
 from .config import SeqConfig, TXLConfig
-from .memory import HiddenMemory, KVMemory, Memory, as_memory, init_mems
+from .memory import HiddenMemory, KVMemory, Memory, as_memory
 from .positions import relative_distances, sinusoid
 
 IGNORE = -100  # labels of positions that are not scored (the one definition; txl imports it from here)
@@ -82,8 +82,8 @@ class TransformerXL(nn.Module):
         """The first segment's memory, the one place its kind is chosen: hidden states, or with
         projected=True keys / values (inference only)."""
         p = next(self.parameters())
-        mems = HiddenMemory(init_mems(self.cfg.n_layer, batch_size, self.cfg.d_model, self.seq.mem_len,
-                                      self.cfg.mem_init, p.device, p.dtype))
+        mems = HiddenMemory.init(self.cfg.n_layer, batch_size, self.cfg.d_model, self.seq.mem_len,
+                                 self.cfg.mem_init, p.device, p.dtype)
         return self.project_mems(mems) if projected else mems
 
     def project_mems(self, mems) -> KVMemory:
