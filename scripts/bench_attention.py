@@ -63,7 +63,7 @@ def measure(spec: dict) -> dict:
     import torch
     from txl.model import TXLConfig
     from txl.model.attention import causal_mask
-    from txl.model.layers import MultiHeadAttention
+    from txl.model.block import MultiHeadAttention
     from txl.model.positions import relative_distances, sinusoid
     import warnings
     warnings.simplefilter("ignore")

@@ -14,11 +14,11 @@ import torch
 from omegaconf import OmegaConf
 
 from txl.model import TransformerXL, TXLConfig, causal_mask
-from txl.model import attention as A
+from txl.model.attention import kernels as A
 from txl.model.attention import (BACKEND_CAPS, BACKENDS, AlibiTerm, BiasTerm, RelativeTerm, additive_attention,
-                                 band_shift, rel_ref)
+                                 band_shift, get_pattern, rel_ref)
 from txl.model.config import POSITION_KINDS, AttnConfig
-from txl.model.layers import MultiHeadAttention
+from txl.model.block import MultiHeadAttention
 from txl.model.positions import relative_distances, sinusoid
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -178,8 +178,7 @@ def test_flex_gpu_forward_and_grads(kind, attn):
     blocked = causal_mask(T, M, device="cuda")
     ref_blocked = blocked
     if attn:  # rel_ref with the explicit local mask
-        from txl.model.sparse import Pattern
-        ref_blocked = blocked | Pattern(other.cfg.attn, T, M).mask("cuda")
+        ref_blocked = blocked | get_pattern(other.cfg.attn).mask(T, M, "cuda")
         ref.cfg.attn = AttnConfig()
     y_ref = ref(x, mem.cuda(), ref_blocked, None if pos_emb is None else pos_emb.cuda())[0]
     y = other(x, mem.cuda(), blocked, None if pos_emb is None else pos_emb.cuda())[0]

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from txl.model import ProjectedMems, TXLConfig, TransformerXL, init_mems, update_mems
+from txl.model import KVMemory as ProjectedMems
+from txl.model import TXLConfig, TransformerXL, init_mems, update_mems
 
 KINDS = ["relative", "absolute", "rotary", "alibi"]
 V = 64
@@ -214,3 +215,26 @@ def test_projected_mems_refused_with_gradients_and_wrong_width():
         model(x[:, 4:8], mems=proj)
     with pytest.raises(ValueError, match=r"2NH=64"), torch.no_grad():
         model(x[:, 4:8], mems=ProjectedMems(m[..., :32] for m in proj))
+
+
+# ---- the memory object ----------------------------------------------------------------------------
+def test_memory_kind_is_chosen_once_and_carried():
+    from txl.model import HiddenMemory, Memory
+    model = _model(mem_len=4)
+    x, _ = _data()
+    with torch.no_grad():
+        for projected, cls in ((False, HiddenMemory), (True, ProjectedMems)):
+            mems = model.init_mems(2, projected=projected)
+            for s in range(0, 12, 4):
+                mems = model(x[:, s:s + 4], mems=mems).mems
+                assert type(mems) is cls
+        plain = model(x[:, :4], mems=[torch.zeros(2, 0, 32)] * 2).mems  # a list is hidden states
+    assert type(plain) is HiddenMemory
+    for mems in (plain, model.project_mems(plain)):  # state_dict round trip keeps kind and tensors
+        back = Memory.from_state_dict(mems.state_dict())
+        assert type(back) is type(mems) and all(torch.equal(a, b) for a, b in zip(back, mems))
+    assert torch.equal(plain.hidden(1), plain[1])
+    with pytest.raises(ValueError, match="keys / values"):
+        model.project_mems(plain).hidden(0)
+    with pytest.raises(ValueError, match="hidden"):
+        Memory.from_state_dict({"kind": "nope", "layers": []})

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from txl.model import causal_mask, rel_shift
-from txl.model import sparse as S
+from txl.model.attention import get_pattern
 from txl.model.attention import BACKEND_CAPS, BACKENDS, RelativeTerm, rel_ref
 from txl.model.config import AttnConfig, TXLConfig
-from txl.model.layers import MultiHeadAttention
+from txl.model.block import MultiHeadAttention
 from txl.model.positions import relative_distances, sinusoid
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -63,7 +63,7 @@ SIZES = [(1, 0), (7, 0), (7, 5), (6, 9)]
 
 
 def _rand(a, T, M):
-    return S.bigbird_random_blocks(a, T, M) if a.pattern == "bigbird" else None
+    return get_pattern(a).random_blocks(T, M) if a.pattern == "bigbird" else None
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
@@ -71,9 +71,9 @@ def _rand(a, T, M):
 def test_pattern_mask_is_the_definition(cfg, T, M):
     a = AttnConfig(**cfg)
     want = expected_visible(a, T, M, _rand(a, T, M))
-    assert torch.equal(S.Pattern(a, T, M).mask() | causal_mask(T, M), ~want)
+    assert torch.equal(get_pattern(a).mask(T, M) | causal_mask(T, M), ~want)
     # the chunk plan covers every visible key, each at most once
-    for q0, q1, spans in S.Pattern(a, T, M).chunks():
+    for q0, q1, spans in get_pattern(a).chunks(T, M):
         keys = [j for s, e in spans for j in range(s, e)]
         assert len(keys) == len(set(keys)) and keys == sorted(keys)
         assert set(want[q0:q1].any(0).nonzero().squeeze(1).tolist()) <= set(keys)
@@ -155,7 +155,7 @@ def test_hidden_memory_is_never_computed(cfg, backend, monkeypatch):
     T, M = 8, 300
     ref, other = _pair("relative", backend, cfg)
     x, mem, pe = _inputs(T, M, "relative")
-    lo = S.visible_from(other.cfg.attn, T, M)
+    lo = get_pattern(other.cfg.attn).visible_from(T, M)
     assert M - T <= lo < M  # nearly all memory is skipped
     poisoned = mem.clone()
     poisoned[:, :lo] = float("nan")
@@ -176,8 +176,8 @@ def test_work_independent_of_memory_length(cfg, per_query):
     a, T = AttnConfig(**cfg), 128
     work = {}
     for M in (1024, 16384):
-        lo = S.visible_from(a, T, M)
-        plan = S.Pattern(a, T, M - lo).chunks()
+        lo = get_pattern(a).visible_from(T, M)
+        plan = get_pattern(a).chunks(T, M - lo)
         work[M] = sum((q1 - q0) * sum(e - s for s, e in spans) for q0, q1, spans in plan)
     assert work[1024] == work[16384] <= T * per_query
 
@@ -186,10 +186,10 @@ def test_work_independent_of_memory_length(cfg, per_query):
 def test_bigbird_random_blocks_reproducible_and_seeded():
     a = AttnConfig(pattern="bigbird", window=4, block_size=4, n_global=1, n_random=3, seed=7)
     T, M = 32, 64
-    r1, r2 = S.bigbird_random_blocks(a, T, M), S.bigbird_random_blocks(a, T, M)
+    r1, r2 = get_pattern(a).random_blocks(T, M), get_pattern(a).random_blocks(T, M)
     assert r1 == r2
-    assert torch.equal(S.Pattern(a, T, M).mask(), S.Pattern(a, T, M).mask())
-    other = S.bigbird_random_blocks(AttnConfig(**{**a.__dict__, "seed": 8}), T, M)
+    assert torch.equal(get_pattern(a).mask(T, M), get_pattern(a).mask(T, M))
+    other = get_pattern(AttnConfig(**{**a.__dict__, "seed": 8})).random_blocks(T, M)
     assert other != r1
     kb_min = -(M // 4)
     for b, blocks in enumerate(r1):
@@ -239,3 +239,25 @@ def test_topk_at_least_all_keys_is_dense():
         torch.testing.assert_close(rel_ref(q, kk, v, RelativeTerm(qv, r), blocked, 0.3, topk=k)[0], dense,
                                    rtol=0, atol=0)
     assert not torch.allclose(rel_ref(q, kk, v, RelativeTerm(qv, r), blocked, 0.3, topk=2)[0], dense)
+
+
+# ---- the README's path: attention=local -> local.yaml -> AttnConfig.pattern -> registry -> Local.run --------
+def test_attention_local_reaches_local_run(monkeypatch):
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from txl.model import TransformerXL
+    from txl.model.attention import PATTERNS
+    from txl.model.attention.patterns import Local
+
+    conf = Path(__file__).resolve().parent.parent / "conf" / "attention" / "local.yaml"
+    root = OmegaConf.create({"seq": {"tgt_len": 8, "mem_len": 8}})
+    root.model = OmegaConf.merge(OmegaConf.structured(TXLConfig), OmegaConf.load(conf))
+    cfg = OmegaConf.to_object(root)["model"]
+    assert PATTERNS[cfg.attn.pattern] is Local and isinstance(get_pattern(cfg.attn), Local)
+    calls, run = [], Local.run
+    monkeypatch.setattr(Local, "run", lambda self, *a, **kw: calls.append(1) or run(self, *a, **kw))
+    model = TransformerXL(cfg)
+    model(torch.randint(0, cfg.vocab_size, (1, 8)))
+    assert len(calls) == cfg.n_layer  # each layer's attention went through Local.run

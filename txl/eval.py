@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig
 
 from txl.config import register, to_objects
+from txl.model import IGNORE
 from txl.train import CONF_DIR, precheck_run_dir
 
 LN2 = math.log(2.0)
@@ -44,7 +45,7 @@ def evaluate_tokens(model, tokens: np.ndarray, tgt_len: int, mem_len: int, batch
 
     The first `warmup_tokens` of every stream only fill the memory (not scored). The model's
     other lengths (clamp_len, same_length) are left as set. projected_mems: memories as keys / values
-    (txl.model.ProjectedMems; same result, faster). Returns loss (nats/token) and counts.
+    (txl.model.KVMemory; same result, faster). Returns loss (nats/token) and counts.
     """
     from txl.data.stream import OrderedStream
     model.eval()
@@ -64,13 +65,13 @@ def evaluate_tokens(model, tokens: np.ndarray, tgt_len: int, mem_len: int, batch
         ids, labels = batch["input_ids"].to(dev), batch["labels"].to(dev)
         if warmup_tokens:
             col = batch["pos"] * tgt_len + torch.arange(ids.size(1), device=dev)
-            labels = labels.masked_fill(col[None, :] < warmup_tokens, -100)
+            labels = labels.masked_fill(col[None, :] < warmup_tokens, IGNORE)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             mems_in = mems if mems is not None else model.init_mems(ids.size(0), projected=projected_mems)
             out = model(ids, mems=mems_in, labels=labels)
         mems = out.mems
         nll_sum += float(out.nll.double().sum())
-        n_tok += int((labels != -100).sum())
+        n_tok += int((labels != IGNORE).sum())
         for h in hooks or []:
             h.update(model, {**batch, "labels": labels}, out, mems_in)
     dt = time.perf_counter() - t0

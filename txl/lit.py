@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import grad_norm
 
-from txl.model import TransformerXL, TXLConfig
+from txl.model import IGNORE, TransformerXL, TXLConfig
 
 LN2 = math.log(2.0)
 
@@ -104,7 +104,7 @@ class TXLModule(pl.LightningModule):
     def _eval_step(self, batch):
         ids, labels = batch["input_ids"], batch["labels"]
         if batch["reset"] or self.eval_mems is None:
-            # keys / values (ProjectedMems): each segment projects T rows, not eval_mem_len + T. Not
+            # keys / values (KVMemory): each segment projects T rows, not eval_mem_len + T. Not
             # under FSDP: projecting reads W_k, W_v outside a block's forward, where they are sharded.
             from pytorch_lightning.strategies import FSDPStrategy
             fsdp = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
@@ -113,7 +113,7 @@ class TXLModule(pl.LightningModule):
         out = self.model(ids, mems=mems_in, labels=labels)
         self.eval_mems = out.mems
         self._nll_sum += out.nll.double().sum()
-        self._n_tok += (labels != -100).sum()
+        self._n_tok += (labels != IGNORE).sum()
         for h in self.val_hooks:
             h.update(self.model, batch, out, mems_in)
 

@@ -108,7 +108,7 @@ def run(cfg: DictConfig) -> dict:
         strategy = DDPStrategy(process_group_backend="gloo", start_method="spawn" if strategy == "ddp_spawn" else "popen")
     elif strategy == "fsdp":
         from pytorch_lightning.strategies import FSDPStrategy
-        from txl.model.layers import Block
+        from txl.model.block import Block
         strategy = FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy="FULL_SHARD")
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,

@@ -24,8 +24,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from txl.data import DataError
-
-IGNORE_INDEX = -100
+from txl.model import IGNORE as IGNORE_INDEX
 
 
 class OrderedStream(IterableDataset):

@@ -16,13 +16,12 @@ from typing import Dict, Optional
 import torch
 
 from txl.metrics.base import IGNORE, Metric
+from txl.model.attention import distance_grid
 
 
 def key_distances(T: int, M: int, device=None) -> torch.Tensor:
     """(T, K) distance M + i - j from query i (window position M + i) to key j; < 0 for the future."""
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(M + T, device=device)[None, :]
-    return (M + i - j).double()
+    return distance_grid(M, 0, T, 0, M + T, device).double()
 
 
 def attention_sums(probs: torch.Tensor, M: int, keep: Optional[torch.Tensor] = None):

@@ -5,7 +5,7 @@ from typing import Dict
 
 import torch
 
-IGNORE = -100  # labels of positions that are not scored
+from txl.model import IGNORE  # noqa: F401  (labels of positions that are not scored; re-exported)
 
 
 class Metric:

@@ -50,17 +50,6 @@ def plot_position(records: Sequence[dict], path, title: str = "loss by position 
     return _save(fig, path)
 
 
-def plot_position_curves(curves: dict, path, title: str = "loss by position in the segment") -> str:
-    """curves: {label: LossByPosition summary} (e.g. txl-eval's metrics.position at two eval_mem_len)."""
-    fig = Figure(figsize=(6.4, 4.0))
-    ax = fig.add_subplot()
-    for label, p in curves.items():
-        ax.plot(*zip(*[(x, y) for x, y in zip(_centers(p["edges"]), p["loss"]) if y is not None]), marker="o",
-                label=label)
-    _axes(ax, f"position in the segment (tgt_len {next(iter(curves.values()))['tgt_len']})", "loss (nats/token)", title)
-    return _save(fig, path)
-
-
 def _axes(ax, xlabel: str, ylabel: str, title: str) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

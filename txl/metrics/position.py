@@ -12,13 +12,12 @@ DDP ranks with a plain sum before they are summarised.
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional
 
 import torch
 
 from txl.metrics.base import IGNORE, Metric
-from txl.model.attention import causal_mask
+from txl.model.attention import causal_mask, get_pattern
 
 
 # ---------------------------------------------------------------------------------------- math
@@ -90,13 +89,7 @@ def model_mask(model, T: int, M: int, device=None) -> torch.Tensor:
     """(T, M+T) the keys hidden from each query: causal + same_length + a static sparse pattern
     (a dynamic top-k pattern is not included: its span is at most this)."""
     seq = model.seq
-    blocked = causal_mask(T, M, seq.same_length, seq.mem_len, device)
-    if model.cfg.attn.pattern != "dense":
-        from txl.model.sparse import pattern_for
-        pattern = pattern_for(model.cfg.attn, T, M)  # None for a dynamic pattern
-        if pattern is not None:
-            blocked = blocked | pattern.mask(device)
-    return blocked
+    return causal_mask(T, M, seq.same_length, seq.mem_len, device) | get_pattern(model.cfg.attn).mask(T, M, device)
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -192,9 +185,3 @@ class LossByContext(Metric):
 
     def scalars(self, s, prefix):
         return {f"{prefix}_loss_ctx/{r['lo']:05d}-{r['hi']:05d}": r["loss"] for r in s["buckets"]}
-
-
-def weighted_mean(losses: List[Optional[float]], counts: List[int]) -> float:
-    """The overall mean loss from per-bucket means and counts (buckets partition the tokens)."""
-    tot = sum(c for v, c in zip(losses, counts) if v is not None)
-    return sum(v * c for v, c in zip(losses, counts) if v is not None) / max(tot, 1) if tot else math.nan

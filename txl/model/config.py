@@ -1,13 +1,14 @@
 """Typed, self-validating model configuration (names in configs, classes in code)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
-POSITION_KINDS = ("relative", "absolute", "rotary", "alibi")
+from .attention import registry
+from .attention.patterns import Dense
+from .attention.registry import POSITION_KINDS
+
 MEM_INITS = ("empty", "zeros")
-SCORES = ("dot", "additive")
-PATTERNS = ("dense", "local", "block_sparse", "bigbird", "topk")
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -38,69 +39,38 @@ class SeqConfig:
 
 @dataclass
 class AttnConfig:
-    """How attention is computed (backend), which keys a query may see (pattern), how a query
-    and a key are compared (score). Backend and pattern never change parameters; score does
-    (additive scoring owns extra weights).
+    """How attention is computed (backend), which keys a query may see (pattern: see
+    attention/patterns.py for each one and its fields), how a query and a key are compared (score).
+    Backend and pattern never change parameters; score does (additive scoring owns extra weights).
 
-    Patterns act on the key axis [memory + segment] after the causal / same_length mask:
-      dense         every causal key
-      local         the `window` most recent keys, the query itself included
-      block_sparse  key blocks of `block_size`, anchored at the segment start: the query's own
-                    block and `n_prev` previous ones, plus the first `n_global` blocks
-      bigbird       local `window` + the first `n_global` blocks + `n_random` random earlier
-                    blocks per query block, drawn from `seed`
-      topk          the `topk` highest-scoring causal keys of each query (dynamic)
     Backends declare what they support (attention.register_backend); invalid combinations fail
-    here, listing the valid choices. score='additive' (Bahdanau, w . tanh(W_q q + W_k k) per head)
-    holds a (B, N, T, K, H) tensor: memory O(T * K * d), so it is dense rel_ref only.
+    here (attention.registry.check), listing the valid choices. score='additive' (Bahdanau,
+    w . tanh(W_q q + W_k k) per head) holds a (B, N, T, K, H) tensor: memory O(T * K * d), so it is
+    dense rel_ref only.
     """
 
     backend: str = "rel_ref"
-    pattern: str = "dense"
-    window: int = 0  # local / bigbird: number of most recent keys a query sees (incl. itself)
-    block_size: int = 0  # block_sparse / bigbird
-    n_prev: int = 1  # block_sparse: previous key blocks seen besides the query's own
+    pattern: str = Dense.name
+    window: int = 0  # number of most recent keys a query sees (incl. itself)
+    block_size: int = 0  # key block size
+    n_prev: int = 1  # previous key blocks seen besides the query's own
     n_global: int = 0  # global blocks (first blocks of the key axis)
-    n_random: int = 0  # bigbird random blocks per query block
-    topk: int = 0  # topk: keys kept per query
-    seed: int = 0  # bigbird random pattern seed
+    n_random: int = 0  # random blocks per query block
+    topk: int = 0  # keys kept per query (dynamic pattern)
+    seed: int = 0  # random pattern seed
     score: str = "dot"
 
     def __post_init__(self):
-        from .attention import BACKEND_CAPS  # late: attention.py imports only torch, no cycle
-
-        _need(self.score in SCORES, f"attention.score must be one of {list(SCORES)}, got {self.score!r}")
-        _need(self.pattern in PATTERNS, f"attention.pattern must be one of {list(PATTERNS)}, got {self.pattern!r}")
-        _need(self.backend in BACKEND_CAPS,
-              f"unknown attention backend {self.backend!r}; valid backends: {sorted(BACKEND_CAPS)}")
-        for name in ("window", "block_size", "n_prev", "n_global", "n_random", "topk", "seed"):
-            v = getattr(self, name)
-            _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                  f"attention.{name} must be an integer >= 0, got {v!r}")
-        need = {"local": ("window",), "block_sparse": ("block_size",), "bigbird": ("window", "block_size"),
-                "topk": ("topk",)}.get(self.pattern, ())
-        for name in need:
-            _need(getattr(self, name) >= 1,
-                  f"attention.{name} must be >= 1 for pattern={self.pattern!r}, got {getattr(self, name)}")
-        caps = BACKEND_CAPS[self.backend]
-        ok = sorted(b for b, c in BACKEND_CAPS.items() if self.pattern in c["patterns"])
-        _need(self.pattern in caps["patterns"],
-              f"attention.pattern={self.pattern!r} is not supported by backend {self.backend!r}; "
-              f"backends that support it: {ok}")
-        ok = sorted(b for b, c in BACKEND_CAPS.items() if self.score in c["scores"])
-        _need(self.score in caps["scores"],
-              f"attention.score={self.score!r} is not supported by backend {self.backend!r}; "
-              f"backends that support it: {ok}")
-        if self.score == "additive":  # O(T*K*H) tanh features: only the dense reference computes it
-            _need(self.pattern == "dense", f"attention.score='additive' needs pattern='dense', got {self.pattern!r}")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type == "int":
+                _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                      f"attention.{f.name} must be an integer >= 0, got {v!r}")
+        registry.check(self)
 
     def validate(self, kind: str) -> "AttnConfig":
-        """Checks that depend on the position kind (the attention layer calls this)."""
-        from .attention import BACKEND_CAPS
-
-        kinds = BACKEND_CAPS[self.backend]["kinds"]
-        _need(kind in kinds, f"attention backend {self.backend!r} does not support kind={kind!r}; "
-                             f"supported kinds: {list(kinds)}")
+        """The checks that also depend on the position kind (TXLConfig calls this)."""
+        registry.check(self, kind)
         return self
 
 

@@ -1,23 +1,23 @@
-"""Segment-level recurrence: the cached hidden states. Pure functions; never in place.
+"""Segment-level recurrence: the memory, one (B, M, X) tensor per layer, detached (stop-gradient,
+Dai et al. 2019 eq. 1). Never updated in place: update() returns a new memory.
 
-mems is a list with one (B, M, D) tensor per layer: the *input* of that layer for the last M
-positions seen. They are detached (stop-gradient, Dai et al. 2019 eq. 1).
+Two kinds, chosen once (TransformerXL.init_mems) and carried by the object from then on:
+  HiddenMemory  each layer's *inputs* for the last M positions, X = D. What training needs (the loss
+                wants W_k, W_v's gradient on the memory rows); a plain list of tensors is read as this.
+  KVMemory      each layer's keys / values, X = 2NH, for inference only: keys and values of a memory
+                position never change once computed (relative positions enter through R, not through
+                the keys), so a layer projects only its T new rows instead of all M + T each segment.
+                Costs 2NH / D times the memory of hidden states (2x in the usual N*H = D).
+Each attention layer gets its memory tensor and the memory's keys_values: the memory, not the layer,
+decides how its rows become keys / values and what it keeps of the new segment.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Iterable
+
 import torch
-
-
-class ProjectedMems(list):
-    """Memories kept as each layer's keys / values (B, M, 2*N*H) instead of its inputs (B, M, D).
-
-    For inference only (torch.no_grad / inference_mode): keys and values of a memory position never
-    change once computed (relative positions enter through R, not through the keys), so a layer
-    projects only its T new rows instead of all M + T each segment. Costs 2*N*H / D times the
-    memory of hidden-state mems (2x in the usual N*H = D). Training cannot use it: the loss needs
-    the gradient of W_k, W_v on the memory rows. `model.init_mems(B, projected=True)` or
-    `model.project_mems(mems)` make one; the model hands back the same type in `out.mems`.
-    """
+import torch.nn.functional as F
 
 
 def init_mems(n_layer: int, batch_size: int, d_model: int, mem_len: int, mode: str,
@@ -34,14 +34,128 @@ def update_mems(hids: list[torch.Tensor], mems: list[torch.Tensor], mem_len: int
     """New memory = last mem_len positions of [old memory + this segment], minus the trailing
     ext_len positions (they come back as the next segment's extended context).
 
-    hids: per layer (B, T, X); mems: per layer (B, M, X), X = D (hidden states) or 2NH
-    (ProjectedMems, whose type is kept). Returns fresh tensors, (B, M', X),
+    hids: per layer (B, T, X); mems: per layer (B, M, X). Returns fresh tensors, (B, M', X),
     M' = min(mem_len, M + T - ext_len).
     """
     T, M = hids[0].size(1), mems[0].size(1)
     end = M + max(0, T - ext_len)
     beg = max(0, end - mem_len)
     # one copy: the kept tail of the old memory and the kept head of the segment, concatenated
-    new = [torch.cat([m[:, beg:].to(h.dtype), h[:, max(0, beg - M): end - M]], dim=1).detach()
-           for h, m in zip(hids, mems)]
-    return type(mems)(new) if isinstance(mems, ProjectedMems) else new
+    return [torch.cat([m[:, beg:].to(h.dtype), h[:, max(0, beg - M): end - M]], dim=1).detach()
+            for h, m in zip(hids, mems)]
+
+
+class Memory(Sequence):
+    """Base: a sequence of per-layer (B, M, X) tensors (index it, iterate it, len() = layers)."""
+
+    kind = ""
+    inference_only = False
+
+    def __init__(self, layers: Iterable[torch.Tensor] = ()):
+        self.layers = list(layers)
+
+    @classmethod
+    def init(cls, n_layer: int, batch_size: int, width: int, mem_len: int, mode: str, device=None,
+             dtype=None) -> "Memory":
+        """The first segment's memory (see init_mems for `mode`)."""
+        return cls(init_mems(n_layer, batch_size, width, mem_len, mode, device, dtype))
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({[tuple(m.shape) for m in self.layers]})"
+
+    def width(self, cfg) -> tuple[int, str]:
+        """(X, its name) for a model config."""
+        raise NotImplementedError
+
+    def detach(self) -> "Memory":
+        return type(self)(m.detach() for m in self.layers)
+
+    def update(self, new: list[torch.Tensor], mem_len: int, ext_len: int = 0) -> "Memory":
+        """new: per layer what keys_values returned for this segment, (B, T, X)."""
+        return type(self)(update_mems(new, self.layers, mem_len, ext_len))
+
+    @staticmethod
+    def keys_values(mem: torch.Tensor, x: torch.Tensor, hx: torch.Tensor, w_kv: torch.Tensor,
+                    norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys / values of [mem + segment] -> (kv (B, M + T, 2NH), what this memory keeps of the
+        segment (B, T, X)). mem (B, M, X) one layer's rows of this memory (the layer may have dropped
+        leading rows no query sees), x (B, T, D) the layer input, hx = norm(x) (or x), w_kv (2NH, D)
+        the layer's key / value projection, norm its pre-LayerNorm or None."""
+        raise NotImplementedError
+
+    def hidden(self, layer: int) -> torch.Tensor:
+        """(B, M, D) the hidden states of `layer`, where this memory keeps them."""
+        raise NotImplementedError
+
+    def projected(self, blocks) -> "KVMemory":
+        """The same memory as keys / values (blocks: the model's blocks, each with attn.project_kv)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "layers": [m.detach().cpu() for m in self.layers]}
+
+    @staticmethod
+    def from_state_dict(d: dict, device=None) -> "Memory":
+        if d.get("kind") not in MEMORIES:
+            raise ValueError(f"memory kind must be one of {sorted(MEMORIES)}, got {d.get('kind')!r}")
+        return MEMORIES[d["kind"]](m.to(device) for m in d["layers"])
+
+
+class HiddenMemory(Memory):
+    kind = "hidden"
+
+    def width(self, cfg):
+        return cfg.d_model, "D"
+
+    def hidden(self, layer):
+        return self.layers[layer]
+
+    @staticmethod
+    def keys_values(mem, x, hx, w_kv, norm):
+        if not mem.size(1):
+            return F.linear(hx, w_kv), x
+        mem = mem.to(x.dtype)
+        hm = norm(mem) if norm is not None else mem
+        # With gradients the memory rows are projected apart so that autograd never forms the
+        # (useless) gradient of the detached memory; without, one GEMM over [memory + segment]
+        # (the concatenated inputs are half the bytes of the outputs).
+        if torch.is_grad_enabled():
+            return torch.cat([F.linear(hm, w_kv), F.linear(hx, w_kv)], dim=1), x  # (B, K, 2NH)
+        return F.linear(torch.cat([hm, hx], dim=1), w_kv), x
+
+    @torch.no_grad()
+    def projected(self, blocks):
+        return KVMemory(block.attn.project_kv(m) for block, m in zip(blocks, self.layers))
+
+
+class KVMemory(Memory):
+    kind = "kv"
+    inference_only = True
+
+    def width(self, cfg):
+        return 2 * cfg.n_head * cfg.d_head, "2NH"
+
+    def hidden(self, layer):
+        raise ValueError("a KVMemory keeps keys / values, not hidden states")
+
+    @staticmethod
+    def keys_values(mem, x, hx, w_kv, norm):
+        kv_new = F.linear(hx, w_kv)  # (B, T, 2NH): the memory's rows were projected when they were new
+        return (torch.cat([mem.to(kv_new.dtype), kv_new], dim=1) if mem.size(1) else kv_new), kv_new
+
+    def projected(self, blocks):
+        return self
+
+
+MEMORIES = {c.kind: c for c in (HiddenMemory, KVMemory)}
+
+
+def as_memory(mems) -> Memory:
+    """A Memory as is; a plain list / tuple of (B, M, D) tensors as the hidden states it is."""
+    return mems if isinstance(mems, Memory) else HiddenMemory(mems)

@@ -52,11 +52,3 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
     p = 2 ** math.floor(math.log2(n_head))
     extra = alibi_slopes(2 * p)[0::2][: n_head - p]
     return torch.cat([alibi_slopes(p), extra])
-
-
-def alibi_bias(n_head: int, T: int, M: int, device=None) -> torch.Tensor:
-    """(N, T, K) penalty -slope * distance, query i sits at window position M + i."""
-    i = torch.arange(T, device=device)[:, None] + M
-    j = torch.arange(M + T, device=device)[None, :]
-    dist = (i - j).clamp(min=0).float()  # future keys are masked anyway
-    return -alibi_slopes(n_head).to(device)[:, None, None] * dist

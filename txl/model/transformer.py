@@ -1,8 +1,9 @@
 """TransformerXL: adaptive embedding -> blocks over [memory + segment] -> adaptive softmax.
 
-Batch-first: input_ids (B, T); mems: one (B, M, D) tensor per layer (or, for inference, one
-(B, M, 2NH) tensor of keys / values per layer: memory.ProjectedMems); labels (B, T) where
-labels[b, t] is the target of position t (already shifted), -100 = not scored.
+Batch-first: input_ids (B, T); mems: a memory.Memory (HiddenMemory: one (B, M, D) tensor per layer,
+or, for inference, KVMemory: one (B, M, 2NH) tensor of keys / values per layer) or a plain list of
+(B, M, D) tensors; labels (B, T) where labels[b, t] is the target of position t (already shifted),
+IGNORE (-100) = not scored.
 """
 from __future__ import annotations
 
@@ -14,17 +15,18 @@ import torch
 import torch.nn as nn
 
 from .adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax, tie_adaptive
-from .attention import causal_mask, get_backend
+from .attention import causal_mask
+from .block import Block
 from .config import SeqConfig, TXLConfig
-from .memory import ProjectedMems, init_mems, update_mems
+from .memory import HiddenMemory, KVMemory, Memory, as_memory
 from .positions import relative_distances, sinusoid
 
-IGNORE = -100
+IGNORE = -100  # labels of positions that are not scored (the one definition; txl imports it from here)
 
 
 @dataclass
 class TXLOutput:
-    mems: list  # per layer (B, M', D), detached
+    mems: Memory  # per layer (B, M', X), detached; the kind of the memory passed in
     hidden: torch.Tensor  # (B, T, D) last layer output (after dropout)
     nll: Optional[torch.Tensor] = None  # (B, T) per-token NLL in position order (0 where ignored)
     loss: Optional[torch.Tensor] = None  # mean NLL over scored tokens
@@ -35,25 +37,19 @@ class TXLOutput:
 class TransformerXL(nn.Module):
     def __init__(self, cfg: TXLConfig):
         super().__init__()
-        get_backend(cfg.attn.backend)  # unknown names fail here, listing the valid ones
         # A private copy shared by every submodule: set_lengths must not reach the caller's
         # config or another model built from it.
         cfg = self.cfg = copy.deepcopy(cfg)
         D = cfg.d_model
         self.embed = AdaptiveEmbedding(cfg.vocab_size, cfg.d_embed, D, cfg.cutoffs, cfg.div_val)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList([self._block(cfg) for _ in range(cfg.n_layer)])
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         if cfg.kind == "relative" and not cfg.untie_r:  # u, v shared by all layers
             self.u = nn.Parameter(torch.zeros(cfg.n_head, cfg.d_head))
             self.v = nn.Parameter(torch.zeros(cfg.n_head, cfg.d_head))
         self.head = AdaptiveLogSoftmax(cfg.vocab_size, cfg.d_embed, D, cfg.cutoffs, cfg.div_val)
         self.reset_parameters()
         tie_adaptive(self.embed, self.head, cfg.tie_weight, cfg.tie_projs)
-
-    @staticmethod
-    def _block(cfg):
-        from .layers import Block
-        return Block(cfg)
 
     # ---- initialisation: the released scripts' scheme --------------------------------------
     @torch.no_grad()
@@ -82,19 +78,17 @@ class TransformerXL(nn.Module):
             raise ValueError(f"unknown length field(s) {sorted(unknown)}; valid: {[f.name for f in fields(SeqConfig)]}")
         self.cfg.seq = replace(self.cfg.seq, **kw)  # re-validates
 
-    def init_mems(self, batch_size: int, projected: bool = False) -> list[torch.Tensor]:
-        """The first segment's memories; projected=True: as keys / values (inference only)."""
+    def init_mems(self, batch_size: int, projected: bool = False) -> Memory:
+        """The first segment's memory, the one place its kind is chosen: hidden states, or with
+        projected=True keys / values (inference only)."""
         p = next(self.parameters())
-        mems = init_mems(self.cfg.n_layer, batch_size, self.cfg.d_model, self.seq.mem_len,
-                         self.cfg.mem_init, p.device, p.dtype)
+        mems = HiddenMemory.init(self.cfg.n_layer, batch_size, self.cfg.d_model, self.seq.mem_len,
+                                 self.cfg.mem_init, p.device, p.dtype)
         return self.project_mems(mems) if projected else mems
 
-    @torch.no_grad()
-    def project_mems(self, mems: list) -> ProjectedMems:
-        """Hidden-state memories (B, M, D) per layer -> their keys / values (B, M, 2NH) per layer."""
-        if isinstance(mems, ProjectedMems):
-            return mems
-        return ProjectedMems(block.attn.project_kv(m) for block, m in zip(self.blocks, mems))
+    def project_mems(self, mems) -> KVMemory:
+        """A memory (or a list of (B, M, D) hidden states) -> its keys / values (B, M, 2NH) per layer."""
+        return as_memory(mems).projected(self.blocks)
 
     # ---- forward ---------------------------------------------------------------------------
     def _check(self, input_ids, mems, labels):
@@ -120,18 +114,19 @@ class TransformerXL(nn.Module):
                                  f"got values in [{int(scored.min())}, {int(scored.max())}]")
         if mems is not None:
             # a stacked (L, B, M, D) tensor would iterate like a list: insist on the documented type
-            if not isinstance(mems, (list, tuple)) or len(mems) != cfg.n_layer:
-                got = len(mems) if isinstance(mems, (list, tuple)) else type(mems).__name__
+            listlike = isinstance(mems, (list, tuple, Memory))
+            if not listlike or len(mems) != cfg.n_layer:
+                got = len(mems) if listlike else type(mems).__name__
                 raise ValueError(f"mems must be a list with one tensor per layer ({cfg.n_layer}), got {got}")
-            projected = isinstance(mems, ProjectedMems)
-            width, what = (2 * cfg.n_head * cfg.d_head, "2NH") if projected else (cfg.d_model, "D")
+            mems = as_memory(mems)
+            width, what = mems.width(cfg)
             for i, m in enumerate(mems):
                 if (not torch.is_tensor(m) or m.dim() != 3 or m.size(0) != B or m.size(2) != width
                         or m.size(1) != mems[0].size(1)):
                     got = tuple(m.shape) if torch.is_tensor(m) else type(m).__name__
                     raise ValueError(f"mems[{i}] must be a tensor [B={B}, M, {what}={width}] with the same M "
                                      f"in every layer, got {got}")
-            if projected and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            if mems.inference_only and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
                 raise ValueError("mems: projected (key / value) memories are for inference only; run under "
                                  "torch.no_grad() or torch.inference_mode() (training needs W_k, W_v's gradient "
                                  "on the memory rows)")
@@ -143,8 +138,7 @@ class TransformerXL(nn.Module):
         B, T = input_ids.shape
         # Stop-gradient on the memory (Dai et al. 2019 eq. 1), also for memories handed in that
         # still carry a graph or require grad: no gradient may ever reach them.
-        mems = self.init_mems(B) if mems is None else type(mems)(m.detach() for m in mems)
-        kv = isinstance(mems, ProjectedMems)
+        mems = self.init_mems(B) if mems is None else as_memory(mems).detach()
         M = mems[0].size(1)
         K = M + T
         x = self.embed(input_ids)  # (B, T, D)
@@ -159,14 +153,13 @@ class TransformerXL(nn.Module):
         blocked = causal_mask(T, M, seq.same_length, seq.mem_len, x.device)
         u, v = (getattr(self, "u", None), getattr(self, "v", None))
         h = self.drop(x)
-        hids, probs = [], []
-        for block, mem in zip(self.blocks, mems):
-            h_in = h
-            h, p, kv_new = block(h, mem, blocked, pos_emb, u, v, need_weights, kv)
-            hids.append(kv_new if kv else h_in)  # what the next segment's memory keeps
+        new, probs = [], []
+        for i, block in enumerate(self.blocks):  # the memory turns its rows into keys / values
+            h, p, keep = block(h, mems[i], blocked, pos_emb, u, v, need_weights, mems.keys_values)
+            new.append(keep)  # what the next segment's memory keeps: layer input or its keys / values
             probs.append(p)
         h = self.drop(h)
-        out = TXLOutput(mems=update_mems(hids, mems, seq.mem_len, seq.ext_len), hidden=h,
+        out = TXLOutput(mems=mems.update(new, seq.mem_len, seq.ext_len), hidden=h,
                         attn=probs if need_weights else None)
         flat = h.reshape(B * T, -1)
         if labels is not None:

@@ -1,7 +1,9 @@
 """One Transformer-XL block: multi-head attention over [memory + segment], then a position-wise FF.
 
-Shapes: x (B, T, D) segment input; mem (B, M, D) cached inputs of this layer, or with mem_kv
-(B, M, 2NH) their keys / values already projected (memory.ProjectedMems); K = M + T.
+Shapes: x (B, T, D) segment input; mem this layer's memory: its cached inputs (B, M, D), or their
+keys / values (B, M, 2NH), with keys_values the memory's own rule for turning them into keys / values
+(memory.py; default: hidden states); K = M + T. The configured pattern object runs the backend
+(attention/patterns.py).
 """
 from __future__ import annotations
 
@@ -11,10 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import BACKEND_CAPS, AlibiTerm, RelativeTerm, additive_attention, get_backend
+from .attention import BACKEND_CAPS, AlibiTerm, RelativeTerm, additive_attention, get_backend, get_pattern
 from .config import TXLConfig
+from .memory import HiddenMemory
 from .positions import alibi_slopes, rotate
-from .sparse import SPARSE, Pattern, sparse_attention, visible_from
 
 
 class MultiHeadAttention(nn.Module):
@@ -29,8 +31,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, cfg: TXLConfig):
         super().__init__()
         N, H, D = cfg.n_head, cfg.d_head, cfg.d_model
-        cfg.attn.validate(cfg.kind)
-        self.cfg = cfg
+        self.cfg = cfg  # validated when it was built (TXLConfig.__post_init__)
         self.qkv = nn.Linear(D, 3 * N * H, bias=False)
         self.out = nn.Linear(N * H, D, bias=False)
         self.ln = nn.LayerNorm(D)
@@ -47,7 +48,7 @@ class MultiHeadAttention(nn.Module):
             self.score_w = nn.Parameter(torch.zeros(N, H))
 
     def project_kv(self, h: torch.Tensor) -> torch.Tensor:
-        """Keys / values of layer inputs h (B, L, D) -> (B, L, 2NH): what ProjectedMems keep."""
+        """Keys / values of layer inputs h (B, L, D) -> (B, L, 2NH): what a KVMemory keeps."""
         w_kv = self.qkv.weight[self.cfg.n_head * self.cfg.d_head:]
         return F.linear(self.ln(h) if self.cfg.pre_lnorm else h, w_kv)
 
@@ -58,13 +59,15 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mem: torch.Tensor, blocked: torch.Tensor,
                 pos_emb: Optional[torch.Tensor] = None, u: Optional[torch.Tensor] = None,
-                v: Optional[torch.Tensor] = None, need_weights: bool = False, mem_kv: bool = False):
-        """-> (y (B, T, D), attention probs or None, the segment's keys / values (B, T, 2NH) when mem_kv)."""
-        cfg, a = self.cfg, self.cfg.attn
+                v: Optional[torch.Tensor] = None, need_weights: bool = False,
+                keys_values=HiddenMemory.keys_values):
+        """-> (y (B, T, D), attention probs or None, what the memory keeps of this segment (B, T, X))."""
+        cfg = self.cfg
+        pattern = get_pattern(cfg.attn)
         B, T, D = x.shape
         M = mem.size(1)
         N, H = cfg.n_head, cfg.d_head
-        lo = 0 if need_weights else visible_from(a, T, M)  # keys before lo: invisible to every query
+        lo = 0 if need_weights else pattern.visible_from(T, M)  # keys before lo: invisible to every query
         if lo:
             mem, blocked, M = mem[:, lo:], blocked[..., lo:], M - lo
         if pos_emb is not None:  # rows are distances ... 1, 0: keep the last K (callers may pass only those)
@@ -80,36 +83,21 @@ class MultiHeadAttention(nn.Module):
         step = max(1, self.chunk_elems // (N * T * (M + T)))
         if (step < B and not need_weights and not torch.is_grad_enabled()
                 and (blocked.dim() == 2 or blocked.size(0) == 1)):
-            parts = [self._attend(x[i:i + step], mem[i:i + step], blocked, r, u, v, lo, False, mem_kv)
+            parts = [self._attend(x[i:i + step], mem[i:i + step], blocked, r, u, v, lo, pattern, keys_values, False)
                      for i in range(0, B, step)]
-            return torch.cat([p[0] for p in parts]), None, torch.cat([p[2] for p in parts]) if mem_kv else None
-        return self._attend(x, mem, blocked, r, u, v, lo, need_weights, mem_kv)
+            return torch.cat([p[0] for p in parts]), None, torch.cat([p[2] for p in parts])
+        return self._attend(x, mem, blocked, r, u, v, lo, pattern, keys_values, need_weights)
 
-    def _attend(self, x, mem, blocked, r, u, v, lo: int, need_weights: bool, mem_kv: bool = False):
+    def _attend(self, x, mem, blocked, r, u, v, lo: int, pattern, keys_values, need_weights: bool):
         cfg, a = self.cfg, self.cfg.attn
-        backend = get_backend(a.backend)
         B, T, D = x.shape
-        M = mem.size(1)
         N, H = cfg.n_head, cfg.d_head
-        # Queries only for the segment. With gradients the memory rows are projected apart so that
-        # autograd never forms the (useless) gradient of the detached memory; without, one GEMM
-        # over [memory + segment] (the concatenated inputs are half the bytes of the outputs).
+        # Queries only for the segment; keys / values of [memory + segment] as the memory keeps them
         hx = self.ln(x) if cfg.pre_lnorm else x
         w_q, w_kv = self.qkv.weight.split([N * H, 2 * N * H])
         q = F.linear(hx, w_q).view(B, T, N, H).transpose(1, 2)  # (B, N, T, H)
-        kv_new = None
-        if mem_kv:  # the memory's keys / values were computed when it was the segment
-            kv_new = F.linear(hx, w_kv)  # (B, T, 2NH)
-            kv = torch.cat([mem.to(kv_new.dtype), kv_new], dim=1) if M else kv_new
-        elif not M:
-            kv = F.linear(hx, w_kv)
-        else:
-            mem = mem.to(x.dtype)
-            hm = self.ln(mem) if cfg.pre_lnorm else mem
-            if torch.is_grad_enabled():
-                kv = torch.cat([F.linear(hm, w_kv), F.linear(hx, w_kv)], dim=1)  # (B, K, 2NH)
-            else:
-                kv = F.linear(torch.cat([hm, hx], dim=1), w_kv)
+        kv, new = keys_values(mem, x, hx, w_kv, self.ln if cfg.pre_lnorm else None)  # (B, K, 2NH)
+        M = mem.size(1)
         k, val = kv.view(B, M + T, 2, N, H).permute(2, 0, 3, 1, 4)  # each (B, N, K, H)
         pos = None
         if cfg.kind == "relative":
@@ -121,22 +109,15 @@ class MultiHeadAttention(nn.Module):
             q, k = rotate(q, win[M:]), rotate(k, win)
         elif cfg.kind == "alibi":  # the paper's slopes act on scaled scores: undo the 1/sqrt(H)
             pos = AlibiTerm(alibi_slopes(N).to(device=x.device, dtype=q.dtype) / self.scale, T, M)
-        args = (cfg.dropatt, self.training)
-        if a.score == "additive":
+        if a.score == "additive":  # dense only (registry.check)
             o, prob = additive_attention(q, k, val, pos, blocked, self.scale, self.score_q, self.score_k,
-                                         self.score_w, *args, need_weights)
-        elif a.pattern == "topk":
-            o, prob = backend(q, k, val, pos, blocked, self.scale, *args, need_weights, topk=a.topk)
-        elif a.pattern not in SPARSE:
-            o, prob = backend(q, k, val, pos, blocked, self.scale, *args, need_weights)
-        elif need_weights or BACKEND_CAPS[a.backend]["native_mask"]:  # one call with the full mask
-            blocked = blocked | Pattern(a, T, M).mask(x.device)
-            o, prob = backend(q, k, val, pos, blocked, self.scale, *args, need_weights)
-        else:  # banded: only the keys each query chunk may see
-            o, prob = sparse_attention(backend, q, k, val, pos, blocked, self.scale, Pattern(a, T, M), *args), None
+                                         self.score_w, cfg.dropatt, self.training, need_weights)
+        else:
+            o, prob = pattern.run(get_backend(a.backend), q, k, val, pos, blocked, self.scale, cfg.dropatt,
+                                  self.training, need_weights, BACKEND_CAPS[a.backend]["native_mask"])
         o = self.drop(self.out(o.transpose(1, 2).reshape(B, T, N * H)))  # (B, T, D)
         y = x + o if cfg.pre_lnorm else self.ln(x + o)
-        return y, prob, kv_new
+        return y, prob, new
 
 
 class PositionwiseFF(nn.Module):
@@ -160,6 +141,7 @@ class Block(nn.Module):
         self.attn = MultiHeadAttention(cfg)
         self.ff = PositionwiseFF(cfg)
 
-    def forward(self, x, mem, blocked, pos_emb=None, u=None, v=None, need_weights=False, mem_kv=False):
-        y, prob, kv = self.attn(x, mem, blocked, pos_emb, u, v, need_weights, mem_kv)
-        return self.ff(y), prob, kv
+    def forward(self, x, mem, blocked, pos_emb=None, u=None, v=None, need_weights=False,
+                keys_values=HiddenMemory.keys_values):
+        y, prob, new = self.attn(x, mem, blocked, pos_emb, u, v, need_weights, keys_values)
+        return self.ff(y), prob, new
