@@ -35,6 +35,7 @@ CONFIGS = {  # name -> (kind, attn)
     "rel_fused bigbird": ("relative", dict(backend="rel_fused", pattern="bigbird", window=128, block_size=64,
                                            n_global=1, n_random=2)),
     "rel_ref topk256": ("relative", dict(backend="rel_ref", pattern="topk", topk=256)),
+    "rel_ref routing c4 w128": ("relative", dict(backend="rel_ref", pattern="routing", n_clusters=4, window=128)),
     "rel_ref additive": ("relative", dict(backend="rel_ref", score="additive")),
     "rel_fused alibi": ("alibi", dict(backend="rel_fused")),
 }

@@ -46,6 +46,7 @@ class MultiHeadAttention(nn.Module):
             self.score_q = nn.Parameter(torch.zeros(N, H, H))
             self.score_k = nn.Parameter(torch.zeros(N, H, H))
             self.score_w = nn.Parameter(torch.zeros(N, H))
+        self.pattern_state = get_pattern(cfg.attn).init_state(N, H)  # None, or buffers (routing centroids)
 
     def project_kv(self, h: torch.Tensor) -> torch.Tensor:
         """Keys / values of layer inputs h (B, L, D) -> (B, L, 2NH): what a KVMemory keeps."""
@@ -63,7 +64,7 @@ class MultiHeadAttention(nn.Module):
                 keys_values=HiddenMemory.keys_values):
         """-> (y (B, T, D), attention probs or None, what the memory keeps of this segment (B, T, X))."""
         cfg = self.cfg
-        pattern = get_pattern(cfg.attn)
+        pattern = get_pattern(cfg.attn).bind(self.pattern_state)
         B, T, D = x.shape
         M = mem.size(1)
         N, H = cfg.n_head, cfg.d_head

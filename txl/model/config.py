@@ -57,7 +57,9 @@ class AttnConfig:
     n_global: int = 0  # global blocks (first blocks of the key axis)
     n_random: int = 0  # random blocks per query block
     topk: int = 0  # keys kept per query (dynamic pattern)
-    seed: int = 0  # random pattern seed
+    seed: int = 0  # random pattern seed (bigbird's blocks, routing's initial centroids)
+    n_clusters: int = 0  # routing: k-means centroids per head
+    ema_decay: float = 0.999  # routing: centroid <- decay * centroid + (1 - decay) * assigned mean
     score: str = "dot"
 
     def __post_init__(self):
@@ -66,6 +68,8 @@ class AttnConfig:
             if f.type == "int":
                 _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                       f"attention.{f.name} must be an integer >= 0, got {v!r}")
+        _need(isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0,
+              f"attention.ema_decay must be in [0, 1), got {self.ema_decay!r}")
         registry.check(self)
 
     def validate(self, kind: str) -> "AttnConfig":
