@@ -61,6 +61,7 @@ class AttnConfig:
     n_clusters: int = 0  # routing: k-means centroids per head
     ema_decay: float = 0.999  # routing: centroid <- decay * centroid + (1 - decay) * assigned mean
     score: str = "dot"
+    n_additive_heads: int = 0  # score='mixed': heads 0 .. n-1 score additively, the others by dot product
 
     def __post_init__(self):
         for f in fields(self):
@@ -70,6 +71,8 @@ class AttnConfig:
                       f"attention.{f.name} must be an integer >= 0, got {v!r}")
         _need(isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0,
               f"attention.ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        _need(self.score == "mixed" or not self.n_additive_heads,
+              f"attention.n_additive_heads is for score='mixed', got score={self.score!r}")
         registry.check(self)
 
     def validate(self, kind: str) -> "AttnConfig":
@@ -130,6 +133,8 @@ class TXLConfig:
                   f"div_val={self.div_val} with {len(c)} cutoffs shrinks d_embed={self.d_embed} to 0")
         if self.kind in ("rotary",):
             _need(self.d_head % 2 == 0, f"kind=rotary needs an even d_head, got {self.d_head}")
+        _need(self.attn.n_additive_heads <= self.n_head,
+              f"attention.n_additive_heads must be <= n_head={self.n_head}, got {self.attn.n_additive_heads}")
         self.attn.validate(self.kind)  # backend x kind combinations fail here, i.e. at compose time
 
     def to_dict(self) -> dict:

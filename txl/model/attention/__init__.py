@@ -19,7 +19,8 @@ AttnConfig.pattern -> registry.get_pattern (PATTERNS) -> Local.run, which calls 
 (BACKENDS[attn.backend]) on each query chunk with only the keys that chunk may see.
 """
 from . import patterns as _patterns  # noqa: F401  (registers the patterns)
-from .kernels import additive_attention, additive_scores, attend, flex, rel_fused, rel_ref, topk_blocked
+from .kernels import (additive_attention, additive_scores, attend, flex, mixed_attention, rel_fused, rel_ref,
+                      topk_blocked)
 from .masks import causal_mask, distance, distance_grid, fill_blocked_, neg_inf
 from .patterns import Pattern
 from .registry import (BACKEND_CAPS, BACKENDS, PATTERNS, POSITION_KINDS, SCORES, check, get_backend, get_pattern,
@@ -27,7 +28,7 @@ from .registry import (BACKEND_CAPS, BACKENDS, PATTERNS, POSITION_KINDS, SCORES,
 from .shift import band_shift, full_shift, rel_shift
 from .terms import AlibiTerm, BiasTerm, PositionTerm, RelativeTerm
 
-__all__ = ["additive_attention", "additive_scores", "attend", "flex", "rel_fused", "rel_ref", "topk_blocked",
+__all__ = ["additive_attention", "additive_scores", "attend", "flex", "mixed_attention", "rel_fused", "rel_ref", "topk_blocked",
            "causal_mask", "distance", "distance_grid", "fill_blocked_", "neg_inf", "Pattern", "BACKEND_CAPS",
            "BACKENDS", "PATTERNS", "POSITION_KINDS", "SCORES", "check", "get_backend", "get_pattern",
            "register_backend", "register_pattern", "band_shift", "full_shift", "rel_shift", "AlibiTerm",
