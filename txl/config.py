@@ -141,9 +141,11 @@ class MetricsNode:
     context_sweep: Any = None  # txl-eval: null | auto | [eval_mem_len, ...] (auto: 0, tgt/2, tgt, 2tgt, ...)
     sweep_max: Optional[int] = None  # auto: largest memory (default max(4 tgt_len, 2 mem_len))
     threshold: float = 0.01  # effective context: the next context must gain this relative perplexity
+    attention_maps: bool = False  # PNG heat maps of one segment's attention (txl/metrics/attention_maps.py)
+    attention_maps_segment: int = 1  # ... of this segment of the stream (0: the first, without memory)
 
     def __post_init__(self):
-        for k in ("position_buckets", "nomem_batches", "attention_batches"):
+        for k in ("position_buckets", "nomem_batches", "attention_batches", "attention_maps_segment"):
             _need(getattr(self, k) >= 0, f"metrics.{k} must be >= 0, got {getattr(self, k)}")
         _need(self.attention_rows >= 1, f"metrics.attention_rows must be >= 1, got {self.attention_rows}")
         _need(0 < self.threshold < 1, f"metrics.threshold must be in (0, 1), got {self.threshold}")

@@ -139,7 +139,7 @@ def run(cfg: DictConfig) -> dict:
     from txl.data import CorpusConfig, load_corpus, tokenizer_from_state
     from txl.metrics import build_metrics, summarize
     from txl.metrics.context import TokenLosses
-    from txl.metrics.hooks import draw
+    from txl.metrics.hooks import draw, draw_metrics
 
     c = to_objects(cfg)
     torch.set_flush_denormal(True)  # denormal attention probabilities slow CPU GEMMs up to ~40x
@@ -186,6 +186,7 @@ def run(cfg: DictConfig) -> dict:
         out["metrics"] = summarize(metrics, model, next(model.parameters()).device)
         if c.metrics.plots:
             draw([{"step": "eval", **out["metrics"]}], path.parent, "eval")
+        draw_metrics(metrics, path.parent, "eval")  # metrics.attention_maps: eval_attention_*.png
     if sweep_ctx:  # the same text once per memory length: ppl table, effective context length
         out["context_sweep"] = run_sweep(c, model, tokens, res["tgt_len"], mem, same, sweep_ctx, tok_losses, unit,
                                          path.parent)
