@@ -62,8 +62,9 @@ def plot_layer(probs: torch.Tensor, M: int, path, title: str, keys: Optional[Lis
     N, T, K = probs.shape
     cols = min(N, 4)
     rows = math.ceil(N / cols)
-    w = min(30.0, max(3.0, 0.18 * K + 1.5))
-    h = min(30.0, max(2.5, 0.18 * T + 1.2))
+    # panel size (inches): room for one tick label per token when they are drawn, else a fixed size
+    w = 0.16 * K + 1.5 if keys is not None and K <= MAX_LABELS else 5.0
+    h = 0.16 * T + 1.2 if queries is not None and T <= MAX_LABELS else 3.5
     fig = Figure(figsize=(w * cols, h * rows))
     for n in range(N):
         ax = fig.add_subplot(rows, cols, n + 1)
