@@ -11,8 +11,9 @@ Coordinates: query i sits at window position M + i, key j at j; their distance i
   masks.py     distance, causal_mask (+ same_length), fill_blocked_
   shift.py     rel_shift (the reference) and its fast views band_shift, full_shift
   terms.py     PositionTerm: RelativeTerm, AlibiTerm, BiasTerm
-  kernels.py   the backends rel_ref, rel_fused, flex; additive scoring
-  patterns.py  Dense, Local, BlockSparse, BigBird, TopK: the only module naming a pattern
+  kernels.py   the backends rel_ref, rel_fused, flex; additive and mixed scoring
+  patterns.py  Dense, Local, BlockSparse, BigBird, TopK, Routing (+ its Centroids buffers): the only
+               module naming a pattern
 
 How `attention=local` reaches the tensor op: conf/attention/local.yaml sets model.attn.pattern ->
 AttnConfig.pattern -> registry.get_pattern (PATTERNS) -> Local.run, which calls the backend
