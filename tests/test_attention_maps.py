@@ -109,3 +109,25 @@ def test_txl_eval_writes_attention_maps(tmp_path, capsys):
     for f in ("eval_attention_map_L0.png", "eval_attention_map_L1.png", "eval_attention_distance.png"):
         assert (tmp_path / f).read_bytes()[:8] == PNG, f
     assert json.loads((tmp_path / "eval.json").read_text())["metrics"]["attention_maps"] == s
+
+
+def test_validation_hook_draws_the_maps_and_hands_them_to_wandb(tmp_path):
+    from omegaconf import OmegaConf
+
+    from txl.config import MetricsNode
+    from txl.metrics.hooks import ValMetrics, build_val_hooks, wandb_payload
+    tok = build_tokenizer("char", TEXT)
+    model = _model(tok)
+    cfg = OmegaConf.to_object(OmegaConf.structured(MetricsNode(attention_maps=True, position_buckets=0,
+                                                               context_buckets=False, attention_stats=False)))
+    (hook,) = build_val_hooks(cfg, tokenizer=tok)
+    assert isinstance(hook, ValMetrics) and [m.name for m in hook.metrics] == ["attention_maps"]
+    hook.reset()
+    evaluate_tokens(model, tok.encode(TEXT)[:33], 8, 12, batch_size=2, hooks=[hook])
+    rec = {"step": 5, "prefix": "val", "attention_maps": hook.metrics[0].summary({})}
+    images = hook.write(rec, tmp_path, "val")
+    assert {"attention_map_L0", "attention_map_L1", "attention_distance"} <= set(images)
+    assert (tmp_path / "val_attention_map_L1.png").read_bytes()[:8] == PNG
+    wandb = pytest.importorskip("wandb")
+    pay = wandb_payload(rec, "val", images)
+    assert isinstance(pay["val_metrics/attention_map_L0_png"], wandb.Image)
