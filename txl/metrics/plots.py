@@ -23,7 +23,8 @@ def plot_position(records: Sequence[dict], path, title: str = "loss by position 
     """records: [{'step', 'position': LossByPosition summary}], oldest first: one line per
     validation (later = darker). With a no-memory sample, a second panel shows its gap on the
     same tokens: (loss without memory) - (loss with memory), the context fragmentation."""
-    recs = [r for r in records if r.get("position", {}).get("edges")]
+    recs = [r for r in records if r.get("position", {}).get("edges")  # a record with no scored bucket has no line
+            and any(y is not None for y in r["position"]["loss"])]
     if not recs:
         return None
     last = recs[-1]["position"]
