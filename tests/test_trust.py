@@ -198,6 +198,18 @@ def test_second_signal_exits_immediately(monkeypatch):
     assert exits == [128 + signal.SIGINT]
 
 
+def test_signal_during_validation_stops_after_it_without_another_step(tmp_path):
+    from txl.callbacks import SignalStop, StepCheckpoint
+    tr = _FakeTrainer()
+    tr.global_step, tr.world_size, tr.state = 7, 1, SimpleNamespace(fn="fit")
+    cb = StepCheckpoint(str(tmp_path), 5)
+    cb.on_validation_end(tr, None)  # no signal: nothing happens
+    cb.signal = signal.SIGTERM
+    with pytest.raises(SignalStop):
+        cb.on_validation_end(tr, None)
+    assert cb.last_saved == 7 and (tmp_path / "step-000007.ckpt").is_file()
+
+
 # -- 10. one file mode for every checkpoint (umask), keep_last_n ---------------------------------------
 class _FakeTrainer:
     is_global_zero, global_step = True, 0
