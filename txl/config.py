@@ -6,6 +6,7 @@ work starts). The model node *is* txl.model.TXLConfig: names in configs, classes
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional
 
@@ -117,6 +118,7 @@ class LoggerNode:
 class CheckpointNode:
     every_n_steps: int = 0  # 0: only at the end (and on SIGTERM / SIGINT)
     dirpath: Optional[str] = None  # default: <run dir>/checkpoints
+    keep_last_n: Optional[int] = None  # keep the newest N step-*.ckpt files (null: keep all)
 
     def __post_init__(self):
         _need(self.every_n_steps >= 0, f"checkpoint.every_n_steps must be >= 0, got {self.every_n_steps}")
@@ -234,3 +236,34 @@ def register() -> None:
 def to_objects(cfg: DictConfig) -> Any:
     """Resolve interpolations and build the dataclasses (runs every __post_init__ check)."""
     return OmegaConf.to_object(cfg)
+
+
+# ---- cross-field and range checks the node classes above do not make (run by the CLIs right
+#      after to_objects, before any work; one line each, naming the setting) ----------------------
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def validate_train(c: "TrainSchema", cuda_available: Optional[bool] = None) -> None:
+    t, o = c.trainer, c.optim
+    _need(isinstance(t.accumulate_grad_batches, int) and t.accumulate_grad_batches >= 1,
+          f"trainer.accumulate_grad_batches must be an integer >= 1, got {t.accumulate_grad_batches}")
+    _need(t.gradient_clip_val is None or (_finite(t.gradient_clip_val) and t.gradient_clip_val >= 0),
+          f"trainer.gradient_clip_val must be a finite number >= 0 (0: off), got {t.gradient_clip_val}")
+    _need(_finite(o.lr) and o.lr > 0, f"optim.lr must be a finite number > 0, got {o.lr}")
+    _need(len(o.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in o.betas),
+          f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
+    _need(_finite(o.weight_decay) and o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _need(_finite(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1,
+          f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    k = c.checkpoint.keep_last_n
+    _need(k is None or k >= 1, f"checkpoint.keep_last_n must be >= 1 or null (keep all), got {k}")
+    if str(t.precision).startswith("16"):
+        on_cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and cuda_available is False)
+        _need(not on_cpu, f"trainer.precision={t.precision} needs a GPU (on CPU, Lightning would silently "
+                          "use bf16); use trainer.precision=bf16-mixed or 32-true")
+
+
+def validate_eval(c: "EvalSchema") -> None:
+    m = c.eval.max_tokens
+    _need(m is None or m >= 2, f"eval.max_tokens must be >= 2 (or null: the whole text), got {m}")

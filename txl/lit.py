@@ -10,18 +10,17 @@ continues bit for bit.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import asdict
 from typing import Any, Optional
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import grad_norm
 
-from txl.model import IGNORE, TransformerXL, TXLConfig
+from txl.evaluate import LN2, SegmentScorer, mean_nll
+from txl.model import TransformerXL, TXLConfig
+from txl.rng import rng_state, set_rng_state  # noqa: F401  (CPU + CUDA states)
 
-LN2 = math.log(2.0)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,16 +37,6 @@ def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float):
         prog = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
     return f
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
 
 
 class TXLModule(pl.LightningModule):
@@ -95,32 +84,21 @@ class TXLModule(pl.LightningModule):
     def _eval_start(self):
         self._train_lengths = asdict(self.model.seq)
         self.model.set_lengths(tgt_len=self.seq.eval_tgt_len, mem_len=self.seq.eval_mem_len)
-        self.eval_mems = None
-        self._nll_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._n_tok = torch.zeros((), dtype=torch.float64, device=self.device)
         for h in self.val_hooks:
             h.reset()
+        # keys / values (KVMemory): each segment projects T rows, not eval_mem_len + T. Not
+        # under FSDP: projecting reads W_k, W_v outside a block's forward, where they are sharded.
+        from pytorch_lightning.strategies import FSDPStrategy
+        fsdp = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+        self._scorer = SegmentScorer(self.model, projected=not fsdp, hooks=self.val_hooks)  # txl.evaluate
 
     def _eval_step(self, batch):
-        ids, labels = batch["input_ids"], batch["labels"]
-        if batch["reset"] or self.eval_mems is None:
-            # keys / values (KVMemory): each segment projects T rows, not eval_mem_len + T. Not
-            # under FSDP: projecting reads W_k, W_v outside a block's forward, where they are sharded.
-            from pytorch_lightning.strategies import FSDPStrategy
-            fsdp = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
-            self.eval_mems = self.model.init_mems(ids.size(0), projected=not fsdp)
-        mems_in = self.eval_mems
-        out = self.model(ids, mems=mems_in, labels=labels)
-        self.eval_mems = out.mems
-        self._nll_sum += out.nll.double().sum()
-        self._n_tok += (labels != IGNORE).sum()
-        for h in self.val_hooks:
-            h.update(self.model, batch, out, mems_in)
+        self._scorer.step(batch)
 
     def _eval_end(self, prefix: str):
         s = self.trainer.strategy
-        nll_sum, n_tok = s.reduce(self._nll_sum, reduce_op="sum"), s.reduce(self._n_tok, reduce_op="sum")
-        loss = (nll_sum / n_tok.clamp(min=1)).float()
+        nll_sum, n_tok = s.reduce(self._scorer.nll_sum, reduce_op="sum"), s.reduce(self._scorer.n_tok, reduce_op="sum")
+        loss = mean_nll(nll_sum, n_tok, f"{prefix} split")
         self.log(f"{prefix}_loss", loss, prog_bar=True, sync_dist=False)
         self.log(f"{prefix}_ppl", torch.exp(loss.clamp(max=50)), sync_dist=False)
         if self.unit:
