@@ -53,7 +53,7 @@ class StepCheckpoint(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if self.every and step % self.every == 0:
+        if self.every and step % self.every == 0 and self.last_saved != step:  # once per optimizer step
             self.save(trainer)
         stop = self.signal is not None
         if trainer.world_size > 1:
