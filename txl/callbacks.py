@@ -27,6 +27,7 @@ class StepCheckpoint(pl.Callback):
         self.dirpath, self.every = Path(dirpath), every_n_steps
         self.last_saved: Optional[int] = None
         self.signal: Optional[int] = None
+        self._prev_step: Optional[int] = None
         self._old = {}
 
     def save(self, trainer: pl.Trainer) -> Path:
@@ -43,6 +44,7 @@ class StepCheckpoint(pl.Callback):
 
     # -- signals: remember, act at the next step boundary (a consistent state to save)
     def on_train_start(self, trainer, pl_module):
+        self._prev_step = trainer.global_step
         def handler(signum, frame):
             self.signal = signum
         for s in (signal.SIGTERM, signal.SIGINT):
@@ -53,7 +55,8 @@ class StepCheckpoint(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if self.every and step % self.every == 0 and self.last_saved != step:  # once per optimizer step
+        stepped, self._prev_step = step != self._prev_step, step  # an optimizer step ended with this batch
+        if self.every and stepped and step % self.every == 0:  # optimizer steps, also under accumulation
             self.save(trainer)
         stop = self.signal is not None
         if trainer.world_size > 1:

@@ -110,6 +110,11 @@ class TXLModule(pl.LightningModule):
             if ids.size(0) % self.batch_chunk:
                 raise ValueError(f"data.batch_chunk ({self.batch_chunk}) must divide the per-process batch "
                                  f"({ids.size(0)} rows)")
+            if self._trainer is not None and batch_idx % self.trainer.accumulate_grad_batches == 0:
+                # Lightning zeroes the gradients after training_step, before its backward: that would
+                # drop the chunks back-propagated here, so zero now and skip its call (optimizer_zero_grad)
+                self.trainer.optimizers[0].zero_grad()
+                self._zeroed_in_step = True
             loss, mean, self.train_mems = self._chunked_loss(ids, labels)
         else:
             out = self.model(ids, mems=self.train_mems, labels=labels)
@@ -128,6 +133,12 @@ class TXLModule(pl.LightningModule):
             self.log(f"train_bp{self.unit[0]}", mean / LN2, **log)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=ids.size(0))
         return loss
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        if getattr(self, "_zeroed_in_step", False):  # batch_chunk: already zeroed before its chunks
+            self._zeroed_in_step = False
+            return
+        optimizer.zero_grad()
 
     def on_before_optimizer_step(self, optimizer):
         self.log("grad_norm", grad_norm(self.model, norm_type=2)["grad_2.0_norm_total"], on_step=True,

@@ -54,7 +54,7 @@ class BestCheckpoint(pl.Callback):
         v = float(v)
         if math.isfinite(v) and (self.best is None or v < self.best):
             self.best, self.best_step = v, int(trainer.global_step)
-            trainer.save_checkpoint(self.path)  # collective under DDP; rank 0 writes
+            trainer.save_checkpoint(self.path, weights_only=False)  # collective under DDP; rank 0 writes
 
     def state_dict(self):
         return {"best": self.best, "best_step": self.best_step}
@@ -82,6 +82,7 @@ class ConsoleLog(pl.Callback):
         self.file = file or sys.stdout
         self._t0: Optional[float] = None
         self._last_step = 0
+        self._val_t0: Optional[float] = None
 
     def _print(self, trainer, msg: str) -> None:
         if trainer.is_global_zero:
@@ -117,9 +118,16 @@ class ConsoleLog(pl.Callback):
         m = trainer.callback_metrics
         parts = [f"{k} {float(m[k]):.4f}" for k in (f"{prefix}_loss", f"{prefix}_ppl", f"{prefix}_bpb",
                                                      f"{prefix}_bpc", f"{prefix}_fraction") if k in m]
-        self._print(trainer, f"| {prefix} at step {int(trainer.global_step)} | " + " | ".join(parts))
+        step = getattr(pl_module, "weights_step", None) if prefix == "test" else None
+        step = int(trainer.global_step) if step is None else step  # the step of the weights scored
+        self._print(trainer, f"| {prefix} at step {step} | " + " | ".join(parts))
+
+    def on_validation_start(self, trainer, pl_module):
+        self._val_t0 = time.perf_counter()
 
     def on_validation_end(self, trainer, pl_module):
+        if self._t0 is not None and self._val_t0 is not None:  # ms/step counts training time only
+            self._t0 += time.perf_counter() - self._val_t0
         self._eval_line(trainer, pl_module, "val")
 
     def on_test_end(self, trainer, pl_module):
@@ -135,6 +143,7 @@ def run_test_at_end(trainer: pl.Trainer, module, dm, best: BestCheckpoint, note)
         return {}
     ckpt = best.path if best.best_step is not None and best.path.is_file() else None
     step = best.best_step if ckpt is not None else int(trainer.global_step)
+    module.weights_step = step
     saved_limit = trainer.limit_test_batches
     trainer.limit_test_batches = 1.0  # the whole split, always
     try:
