@@ -311,7 +311,8 @@ def test_cli_summary_names_every_step(corpus_files, tmp_path, run_cli):
     validation; the summary names the step of every figure; the console lines are there."""
     from conftest import tiny_train_args
     r = run_cli("train", *tiny_train_args(corpus_files, tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=250",
-                                         "trainer.log_every_n_steps=3", "trainer.limit_val_batches=1.0"))
+                                         "trainer.log_every_n_steps=3", "trainer.limit_val_batches=1.0",
+                                         "seq.eval_clamp_len=5", "seq.eval_same_length=true"))
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout.strip().splitlines()
     s = json.loads(out[-1])
@@ -319,3 +320,19 @@ def test_cli_summary_names_every_step(corpus_files, tmp_path, run_cli):
     assert s["best_step"] == 6 and s["test_weights_step"] == 6 and math.isfinite(s["test_loss"])
     assert (tmp_path / "checkpoints" / "best.ckpt").is_file()
     assert any(ln.startswith("#params = ") for ln in out) and sum(ln.startswith("| step") for ln in out) == 2
+    # txl-eval takes the run's eval settings; a checkpoint from before them falls back to the model's
+    ck_path = tmp_path / "checkpoints" / "last.ckpt"
+    e = run_cli("eval", f"ckpt_path={ck_path}", "eval.batch_size=2", f"hydra.run.dir={tmp_path / 'e1'}")
+    assert e.returncode == 0, e.stderr[-3000:]
+    res = json.loads(e.stdout.strip().splitlines()[-1])
+    assert (res["clamp_len"], res["same_length"], res["mem_len"]) == (5, True, 16)
+    assert res["loss"] == pytest.approx(s["test_loss"], abs=1e-5)  # = the end-of-training test (2 streams, same weights)
+    ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+    for k in ("eval_clamp_len", "eval_same_length"):
+        del ck["txl"]["seq"][k]
+    old = tmp_path / "old.ckpt"
+    torch.save(ck, old)
+    e = run_cli("eval", f"ckpt_path={old}", f"hydra.run.dir={tmp_path / 'e2'}")
+    assert e.returncode == 0, e.stderr[-3000:]
+    res = json.loads(e.stdout.strip().splitlines()[-1])
+    assert (res["clamp_len"], res["same_length"]) == (-1, False)
