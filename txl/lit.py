@@ -149,6 +149,9 @@ class TXLModule(pl.LightningModule):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         # the original's --clip_nonemb: the norm of the transformer blocks' gradients only, the
         # embedding / softmax / shared u, v gradients left unclipped
+        from pytorch_lightning.strategies import FSDPStrategy
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError("optim.clip_nonemb=true is not supported with trainer=fsdp (sharded gradients)")
         torch.nn.utils.clip_grad_norm_(self.model.blocks.parameters(), gradient_clip_val)
 
     # ---- validation / test: eval settings, fresh memories --------------------------------------
