@@ -31,7 +31,7 @@ def trained(tmp_path_factory, corpus_files, run_cli):
 def test_train_writes_step_checkpoints_metrics_and_summary(trained):
     d, r = trained
     names = sorted(p.name for p in (d / "checkpoints").iterdir())
-    assert names == ["last.ckpt", "step-000015.ckpt", "step-000030.ckpt"]
+    assert names == ["best.ckpt", "last.ckpt", "step-000015.ckpt", "step-000030.ckpt"]
     losses = read_losses(d)
     assert sorted(losses) == list(range(30))  # one training loss per step
     summary = json.loads(r.stdout.strip().splitlines()[-1])

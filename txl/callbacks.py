@@ -50,6 +50,7 @@ class StepCheckpoint(pl.Callback):
         self.dirpath, self.every, self.keep = Path(dirpath), every_n_steps, keep_last_n
         self.last_saved: Optional[int] = None
         self.signal: Optional[int] = None
+        self._prev_step: Optional[int] = None
         self._old = {}
         self._trainer = None
 
@@ -84,6 +85,7 @@ class StepCheckpoint(pl.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self._trainer = trainer
+        self._prev_step = trainer.global_step
         for s in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[s] = signal.signal(s, self.handle)
@@ -103,7 +105,8 @@ class StepCheckpoint(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if self.every and step % self.every == 0:
+        stepped, self._prev_step = step != self._prev_step, step  # an optimizer step ended with this batch
+        if self.every and stepped and step % self.every == 0:  # optimizer steps, also under accumulation
             self.save(trainer)
         if self._stop_requested(trainer):
             self._stop(trainer)

@@ -1,7 +1,7 @@
 """txl-eval: perplexity of a checkpoint on a long text, with the paper's evaluation lengths.
 
     txl-eval ckpt_path=run/checkpoints/last.ckpt                       # the checkpoint's test split
-    txl-eval ckpt_path=wt103.pt eval.text_file=book.txt seq.eval_mem_len=1600 seq.clamp_len=1000
+    txl-eval ckpt_path=wt103.pt eval.text_file=book.txt seq.eval_mem_len=1600 seq.eval_clamp_len=1000
 
 Prints one JSON line {"tokens","loss","ppl","bpc","tgt_len","mem_len",...,"metrics"} and writes eval.json
 (metrics: loss by position / available context and attention statistics, txl/metrics).
@@ -105,9 +105,16 @@ def run(cfg: DictConfig) -> dict:
     saved = ck.get("txl", {}).get("seq") or {}
     ms = model.cfg.seq
     tgt = c.seq.eval_tgt_len or saved.get("eval_tgt_len") or ms.tgt_len
-    mem = c.seq.eval_mem_len if c.seq.eval_mem_len is not None else saved.get("eval_mem_len", ms.mem_len)
-    clamp = c.seq.clamp_len if c.seq.clamp_len is not None else ms.clamp_len
-    same = c.seq.same_length if c.seq.same_length is not None else ms.same_length
+    if c.seq.eval_mem_len is not None:
+        mem = c.seq.eval_mem_len
+    elif "eval_mem_len" in saved and tgt == saved.get("eval_tgt_len"):
+        mem = saved["eval_mem_len"]
+    else:  # the original's rule from the training lengths (txl.config.default_eval_mem_len)
+        from txl.config import default_eval_mem_len
+        mem = default_eval_mem_len(saved.get("tgt_len", ms.tgt_len), saved.get("mem_len", ms.mem_len), tgt)
+    # the run's evaluation settings (seq.eval_*); a checkpoint from before them: the model's own
+    clamp = c.seq.eval_clamp_len if c.seq.eval_clamp_len is not None else saved.get("eval_clamp_len", ms.clamp_len)
+    same = c.seq.eval_same_length if c.seq.eval_same_length is not None else saved.get("eval_same_length", ms.same_length)
     model.set_lengths(tgt_len=tgt, mem_len=mem, clamp_len=clamp, same_length=same, ext_len=0)
     if tok_state is None:  # e.g. txl-convert --original without --vocab
         raise ValueError(f"ckpt_path: {c.ckpt_path} carries no vocabulary, so no text can be tokenized for it "

@@ -117,11 +117,15 @@ def run(cfg: DictConfig) -> dict:
         check_resume(c.ckpt_path, model_cfg, c)
     meta = {"tokenizer": tok.state_dict(), "data": asdict(c.data), "seq": asdict(c.seq), "config": resolved}
     module = TXLModule(model_cfg, c.optim, c.seq, c.trainer.max_steps, unit=getattr(tok, "unit", None),
-                       txl_meta=meta)
+                       txl_meta=meta, batch_chunk=c.data.batch_chunk)
     from txl.metrics import build_val_hooks  # long-range metrics at every validation (txl/metrics)
     module.val_hooks = build_val_hooks(c.metrics, c.data, tok)
     ckpt_cb = StepCheckpoint(str(ckpt_dir), c.checkpoint.every_n_steps, c.checkpoint.keep_last_n)
     t = c.trainer
+    from txl.training import (BestCheckpoint, ConsoleLog, FinalValidation, lightning_val_check_interval,
+                              run_test_at_end)
+    best_cb = BestCheckpoint(str(ckpt_dir))
+    recipe_cbs = [FinalValidation(t.max_steps), best_cb, ConsoleLog(t.log_every_n_steps, t.enable_progress_bar)]
     strategy = t.strategy
     if strategy in ("ddp", "ddp_spawn") and t.accelerator == "cpu":
         from pytorch_lightning.strategies import DDPStrategy
@@ -132,11 +136,12 @@ def run(cfg: DictConfig) -> dict:
         strategy = FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy="FULL_SHARD")
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
-        precision=t.precision, max_steps=t.max_steps, val_check_interval=t.val_check_interval,
+        precision=t.precision, max_steps=t.max_steps,
+        val_check_interval=lightning_val_check_interval(t.val_check_interval, t.accumulate_grad_batches),
         check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches, enable_progress_bar=t.enable_progress_bar,
-        logger=make_logger(c, run_dir), callbacks=[ckpt_cb, ThroughputMonitor(t.peak_flops)], plugins=[AtomicCheckpointIO()],
+        logger=make_logger(c, run_dir), callbacks=[ckpt_cb, ThroughputMonitor(t.peak_flops), *recipe_cbs], plugins=[AtomicCheckpointIO()],
         enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=str(run_dir),
         enable_model_summary=False,
     )
@@ -147,13 +152,23 @@ def run(cfg: DictConfig) -> dict:
         pass
     except NonFiniteLossError as e:
         raise NonFiniteLossError(nonfinite_message(e, ckpt_cb, ckpt_dir)) from None
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    step = trainer.global_step
+    test = {}
+    if t.test_at_end and ckpt_cb.signal is None:
+        test = run_test_at_end(trainer, module, dm, best_cb,
+                               lambda m: print(f"txl-train: note: {m}", file=sys.stderr, flush=True))
     if c.logger.name == "wandb" and trainer.is_global_zero:  # flush now, so the summary stays the last line
         import wandb
         wandb.finish()
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     last = ckpt_dir / "last.ckpt"
-    summary = {"step": trainer.global_step, "run_dir": str(run_dir), "last_ckpt": str(last) if last.is_file() else None,
-               **{k: round(v, 6) for k, v in metrics.items() if k.split("/")[0] in ("val_loss", "val_ppl", "val_bpb", "val_bpc")}}
+    summary = {"step": step, "run_dir": str(run_dir), "last_ckpt": str(last) if last.is_file() else None,
+               "val_step": module.last_eval_step.get("val"),  # every figure names its step
+               **{k: round(v, 6) for k, v in metrics.items()
+                  if k.split("/")[0] in ("val_loss", "val_ppl", "val_bpb", "val_bpc", "val_fraction")}}
+    if best_cb.best_step is not None:
+        summary.update(best_ckpt=str(best_cb.path), best_step=best_cb.best_step, best_val_loss=round(best_cb.best, 6))
+    summary.update(test)
     if ckpt_cb.signal is not None:
         summary["stopped_by_signal"] = ckpt_cb.signal
     if trainer.is_global_zero:
