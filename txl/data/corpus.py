@@ -12,13 +12,13 @@ import hashlib
 import json
 import logging
 import os
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
 from txl.data import DataError
+from txl.files import atomic_write
 from txl.data.sources import SOURCES, SPLITS
 from txl.data.tokenizers import KINDS, Tokenizer, build_tokenizer, decode_utf8, tokenizer_from_state
 
@@ -143,16 +143,7 @@ def cache_key(raw: Mapping[str, bytes], spec: Mapping[str, Any]) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: str, write) -> None:
-    """Write via a unique temp file in the same dir + os.replace: readers never see half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+_atomic_write = atomic_write  # txl.files: temp file + os.replace, readers never see half a file
 
 
 def _write_cache(path: str, arrays: Dict[str, np.ndarray], tok: Tokenizer, meta: Dict[str, Any]) -> None:

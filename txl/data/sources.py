@@ -210,9 +210,7 @@ def offline_message(name: str, reason: str) -> str:
             f"save_to_disk directory, or set HF_DATASETS_OFFLINE=1 with a populated HF cache")
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return f"{type(e).__name__}: {s.splitlines()[0] if s else ''}"
+from txl.files import first_line as _first_line  # noqa: E402
 
 
 def _open_hf(cfg: "CorpusConfig"):
