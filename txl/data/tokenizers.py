@@ -16,6 +16,7 @@ from txl.data.config import TOKENIZER_KINDS as KINDS
 from txl.data.errors import DataError
 
 UNK, EOS = "<unk>", "<eos>"
+HF_CHUNK_CHARS = 1 << 20  # hf: characters per encode_batch item (whole lines); part of its ids
 
 
 def decode_utf8(raw: bytes, where: str) -> str:
@@ -253,17 +254,18 @@ class HFTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, chunk_chars: int = 1 << 20) -> np.ndarray:
+    def encode(self, text: str, chunk_chars: Optional[int] = None) -> np.ndarray:
         ids = list(self.encode_stream([text], chunk_chars))
         return np.concatenate(ids) if ids else np.zeros(0, np.int32)
 
-    def encode_stream(self, texts: Iterable[str], chunk_chars: int = 1 << 20,
+    def encode_stream(self, texts: Iterable[str], chunk_chars: Optional[int] = None,
                       batch: int = 8) -> Iterator[np.ndarray]:
         """ids of the concatenated `texts` (each cut after a newline), chunk by chunk.
 
         Encodes ~1 MB chunks cut at line ends (bounded memory, parallel encode_batch); merges can
         only differ from a single-shot encode at those (rare) chunk boundaries, which depend on the
         text alone, never on how it was read."""
+        chunk_chars = chunk_chars or HF_CHUNK_CHARS
         chunks: List[str] = []
         cur, size = [], 0
         for text in texts:
