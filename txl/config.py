@@ -55,7 +55,7 @@ class DataNode(CorpusConfig):
         _need(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0, got {self.eval_batch_size}")
 
     def corpus_config(self) -> CorpusConfig:
-        return CorpusConfig(**{f.name: getattr(self, f.name) for f in fields(CorpusConfig)})
+        return CorpusConfig.from_dict({f.name: getattr(self, f.name) for f in fields(self)}, strict=False)
 
 
 @dataclass
