@@ -1,9 +1,10 @@
 """Data layer: tokenizers, corpora (streamed into a verified on-disk token cache) and ordered
 segment streams.
 
-Module graph (no circles): errors <- config <- recall; hub; reader <- tokenizers; hf, sources
-<- build, cache <- corpus <- stream, datamodule. Importing this package is cheap (numpy only);
-torch / Lightning / datasets are pulled in lazily by the names that need them.
+Modules, each importing only those listed before it (no circle; tests/test_data_imports.py):
+errors, hub, recall, config, reader, tokenizers, cache, hf, sources, build, corpus, stream,
+datamodule. Importing this package is cheap (numpy only); torch / Lightning / datasets / pyarrow
+are pulled in lazily by the names that need them.
 """
 from txl.data.errors import DataError
 from txl.data.config import CorpusConfig

@@ -97,9 +97,9 @@ def new_build_dir(path: str) -> str:
     return tmp
 
 
-def write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
-        f.write(json.dumps(obj, indent=1))
+def write_json(path: str, obj: Any, indent: Optional[int] = None) -> None:
+    with open(path, "w") as f:  # indent=None: the C encoder (a 500k-word vocabulary in ~0.1 s)
+        f.write(json.dumps(obj, indent=indent))
         f.flush()
         os.fsync(f.fileno())
 
@@ -108,7 +108,7 @@ def seal(tmp: str, meta: Dict[str, Any]) -> None:
     """Checksums of every file, then meta.json last (the completeness marker)."""
     meta["files"] = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), CHECKSUM: digest(os.path.join(tmp, n))}
                      for n in sorted(os.listdir(tmp)) if n != "meta.json"}
-    write_json(os.path.join(tmp, "meta.json"), meta)
+    write_json(os.path.join(tmp, "meta.json"), meta, indent=1)
 
 
 def commit(tmp: str, path: str) -> None:

@@ -146,15 +146,15 @@ class WordTokenizer(Tokenizer):
         # WT103 one, put <eos> and <unk> elsewhere); otherwise <unk>=0, <eos>=1, then `words`.
         self.itos: List[str] = list(itos) if itos is not None else \
             [UNK, EOS] + [w for w in words if w not in (UNK, EOS)]
-        self.stoi: Dict[str, int] = {w: i for i, w in enumerate(self.itos)}
+        # word -> id; a missing word looks up as unk_id (__missing__), so encode maps in C
+        self.stoi: Dict[str, int] = _WithDefault(zip(self.itos, range(len(self.itos))))
         if len(self.stoi) != len(self.itos):
             raise DataError("word tokenizer: duplicate tokens in vocabulary")
-        if UNK not in self.stoi or EOS not in self.stoi:
+        if UNK not in self.stoi or EOS not in self.stoi:  # (`in` does not call __missing__)
             raise DataError(f"word tokenizer: the vocabulary needs both {UNK} and {EOS}")
         self.unk_id, self.eos_id, self.lower = self.stoi[UNK], self.stoi[EOS], bool(lower)
         self._standard = itos is None
-        self._ids = _WithDefault(self.stoi)  # word -> id, unknown -> unk_id, looked up in C (map)
-        self._ids.default = self.unk_id
+        self.stoi.default = self.unk_id
 
     @classmethod
     def from_text(cls, text: str, min_freq: int = 0, max_size: Optional[int] = None,
@@ -181,7 +181,7 @@ class WordTokenizer(Tokenizer):
         words = text.replace("\n", f" {EOS} ").split() if "\n" in text else text.split()
         close = final and bool(text) and not text.endswith("\n")
         ids = np.empty(len(words) + close, dtype=np.int32)
-        ids[:len(words)] = np.fromiter(map(self._ids.__getitem__, words), dtype=np.int32, count=len(words))
+        ids[:len(words)] = np.fromiter(map(self.stoi.__getitem__, words), dtype=np.int32, count=len(words))
         if close:
             ids[-1] = self.eos_id
         return ids
