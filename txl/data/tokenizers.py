@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from operator import itemgetter
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
@@ -204,9 +205,8 @@ class WordTokenizer(Tokenizer):
 
 def rank_words(counts: Dict[str, int], min_freq: int = 0, max_size: Optional[int] = None) -> List[str]:
     """Vocabulary order: frequency descending, ties by the token itself; specials excluded."""
-    counts = dict(counts)
-    counts.pop(UNK, None), counts.pop(EOS, None)
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    ranked = sorted(kv for kv in counts.items() if kv[0] not in (UNK, EOS))  # by token (keys are unique)
+    ranked.sort(key=itemgetter(1), reverse=True)  # then by count, descending; stable: ties keep token order
     words = [w for w, c in ranked if c >= min_freq]
     if max_size is not None:  # like transformer-xl's Vocab, max_size counts the specials too
         words = words[:max(0, max_size - 2)]
