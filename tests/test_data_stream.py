@@ -352,3 +352,10 @@ def test_read_text_tokens_errors(tmp_path):
     bad = write(tmp_path / "bad.txt", b"ok\n\xff")
     with pytest.raises(DataError, match=f"eval.text_file {bad}: not valid UTF-8 at byte offset 3"):
         read_text_tokens(bad, build_tokenizer("char", "ok\n"), where="eval.text_file")
+
+
+def test_num_proc_default_is_the_usable_cores():
+    assert CorpusConfig().workers == len(os.sched_getaffinity(0))
+    assert CorpusConfig(num_proc=3).workers == 3
+    with pytest.raises(DataError, match="data.num_proc: must be >= 1"):
+        CorpusConfig(num_proc=0)

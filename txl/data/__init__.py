@@ -2,7 +2,7 @@
 segment streams.
 
 Modules, each importing only those listed before it (no circle; tests/test_data_imports.py):
-errors, hub, recall, config, reader, tokenizers, cache, hf, sources, build, corpus, stream,
+errors, hub, recall, config, cache, reader, tokenizers, hf, sources, build, corpus, stream,
 datamodule. Importing this package is cheap (numpy only); torch / Lightning / datasets / pyarrow
 are pulled in lazily by the names that need them.
 """

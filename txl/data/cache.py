@@ -19,11 +19,11 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from txl.data.config import SPLITS
 from txl.data.errors import DataError
 
 log = logging.getLogger("txl.data")
 FORMAT_VERSION = 2  # 2: streamed build, stat-keyed, checksummed. Bump when ids or layout change.
-from txl.data.reader import SPLITS  # noqa: E402
 HEADER = 128        # bytes reserved for the .npy header (rewritten in place once the length is known)
 
 try:  # xxh3 reads ~10 GB/s (a dependency of datasets); crc32 ~2 GB/s is the fallback

@@ -12,6 +12,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from txl.data.errors import DataError
 
+SPLITS = ("train", "valid", "test")
 SOURCE_NAMES = ("pystdlib", "text_files", "hf", "synthetic_recall")  # txl.data.sources.SOURCES keys
 TOKENIZER_KINDS = ("byte", "char", "word", "hf")
 

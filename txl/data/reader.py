@@ -14,6 +14,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from txl.data.cache import storage_dtype
+from txl.data.config import SPLITS
 from txl.data.errors import DataError
 
 BLOCK = 8 << 20         # bytes read from a file at a time
@@ -221,9 +223,9 @@ def read_text_tokens(path, tok, max_tokens: Optional[int] = None, where: str = "
         for p in pieces:
             seen[0] = seen[0] or bool(p.data.strip())
             yield p
-    parts, n = [], 0
+    parts, n, dtype = [], 0, storage_dtype(tok.vocab_size)  # kept ids: 1-2 bytes each for byte/char
     for ids in stream_ids(tok, watch(file_pieces(path, where, chunk, label=f"{where} {path}")), chunk):
-        parts.append(ids)
+        parts.append(ids.astype(dtype, copy=False))
         n += len(ids)
         if max_tokens and n >= max_tokens:
             break
@@ -234,7 +236,6 @@ def read_text_tokens(path, tok, max_tokens: Optional[int] = None, where: str = "
 
 
 # ----------------------------------------------------------------------------- splits
-SPLITS = ("train", "valid", "test")
 SHARE = {"train": 0.90, "valid": 0.05, "test": 0.05}  # max_bytes share per split; also 90/5/5 carving
 
 
