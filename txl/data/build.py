@@ -11,11 +11,10 @@ encodes in this process (its Rust encode_batch is parallel itself). Worker proce
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Tuple
 
 import numpy as np
 

@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 import numpy as np
 
 from txl.data.cache import storage_dtype
-from txl.data.config import SPLITS
+from txl.data.config import SPLITS  # noqa: F401 (re-exported for the sources)
 from txl.data.errors import DataError
 
 BLOCK = 8 << 20         # bytes read from a file at a time
