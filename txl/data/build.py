@@ -69,13 +69,15 @@ def run_jobs(fn: Callable[[Job], Any], jobs: Iterable[Job], workers: int, state:
         return
     ex = ProcessPoolExecutor(max_workers=workers, mp_context=_context(), initializer=_init, initargs=(state,))
     pending: deque = deque()
+    procs: Dict[int, Any] = {}  # every worker seen, to name a dead one's exit code
     try:
         for job in _prepend([first, second], jobs):
             pending.append(ex.submit(fn, job))
+            procs.update(getattr(ex, "_processes", None) or {})
             if len(pending) >= 2 * workers:
-                yield _result(pending.popleft(), ex)
+                yield _result(pending.popleft(), procs)
         while pending:
-            yield _result(pending.popleft(), ex)
+            yield _result(pending.popleft(), procs)
     finally:
         for f in pending:
             f.cancel()
@@ -87,14 +89,15 @@ def _prepend(head, rest):
     yield from rest
 
 
-def _result(fut, ex):
+def _result(fut, procs):
     try:
         return fut.result()
     except DataError:
         raise
     except BrokenProcessPool:
-        codes = sorted({p.exitcode for p in (getattr(ex, "_processes", None) or {}).values()
-                        if p.exitcode not in (None, 0)})
+        for p in procs.values():
+            p.join(timeout=1)  # the dead one has exited; its exit code is set once joined
+        codes = sorted({p.exitcode for p in procs.values() if p.exitcode not in (None, 0)})
         how = f" (exit code {', '.join(map(str, codes))})" if codes else ""
         raise DataError(f"data: a tokenizer worker process died{how}; no cache was written "
                         f"(out of memory? try a smaller data.num_proc)") from None
