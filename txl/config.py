@@ -89,7 +89,7 @@ class DataNode(CorpusConfig):
               f"data.batch_chunk must be > 0 and divide data.batch_size ({self.batch_size}), got {self.batch_chunk}")
 
     def corpus_config(self) -> CorpusConfig:
-        return CorpusConfig(**{f.name: getattr(self, f.name) for f in fields(CorpusConfig)})
+        return CorpusConfig.from_dict({f.name: getattr(self, f.name) for f in fields(self)}, strict=False)
 
 
 @dataclass

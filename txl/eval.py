@@ -60,18 +60,12 @@ def run_sweep(c, model, tokens, tgt_len: int, mem_len: int, same: bool, contexts
             "ecl_saturated": e["saturated"], "file": str(out_dir / "context_sweep.json")}
 
 
-def load_text_tokens(path: str, tok) -> np.ndarray:
-    from txl.data import DataError
+def load_text_tokens(path: str, tok, max_tokens=None) -> np.ndarray:
+    from txl.data import DataError, read_text_tokens
     p = Path(path)
     if not p.is_file():
         raise DataError(f"eval.text_file: file not found: {p}")
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise DataError(f"eval.text_file: cannot read {p} ({e.strerror})") from None
-    if not raw.strip():
-        raise DataError(f"eval.text_file: {p} is empty")
-    ids = tok.encode_bytes(raw, where=f"eval.text_file {p}")
+    ids = read_text_tokens(p, tok, max_tokens, where="eval.text_file")  # streamed: stops at max_tokens
     special = [i for i in (getattr(tok, "unk_id", None), getattr(tok, "eos_id", None)) if i is not None]
     if special and not bool(np.isin(ids, special, invert=True).any()):
         raise DataError(f"eval.text_file: {p} has no token known to the checkpoint's vocabulary")
@@ -122,7 +116,7 @@ def run(cfg: DictConfig) -> dict:
     tok = tokenizer_from_state(tok_state) if tok_state is not None else None
     if c.eval.text_file:
         try:
-            tokens, source = load_text_tokens(c.eval.text_file, tok), c.eval.text_file
+            tokens, source = load_text_tokens(c.eval.text_file, tok, c.eval.max_tokens), c.eval.text_file
         except DataError as e:  # the data layer's advice names training settings: say what eval can do
             msg = str(e).split("; use data.tokenizer=")[0]
             if msg == str(e):
@@ -133,8 +127,7 @@ def run(cfg: DictConfig) -> dict:
         data = ck.get("txl", {}).get("data")
         if not data:
             raise ValueError("eval.text_file: this checkpoint has no data config of its own; pass eval.text_file=PATH")
-        fields = CorpusConfig.__dataclass_fields__
-        corpus = load_corpus(CorpusConfig(**{k: v for k, v in data.items() if k in fields}))
+        corpus = load_corpus(CorpusConfig.from_dict(data, strict=False))
         tokens, source = corpus.split(c.eval.split), f"{corpus.name}:{c.eval.split}"
     if c.eval.max_tokens:
         tokens = tokens[: c.eval.max_tokens]
