@@ -196,7 +196,10 @@ def run(cfg: DictConfig) -> dict:
 
 def _task(cfg: DictConfig) -> None:
     from txl.checkpoint import CheckpointError
+    from txl.runtime import quiet_third_party, setup_threads
     try:
+        quiet_third_party()
+        setup_threads(cfg.threads)
         run(cfg)
     except (ValueError, CheckpointError, OSError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)

@@ -29,6 +29,7 @@ class GenerateSchema:
     mem_len: Optional[int] = None  # None: the checkpoint's eval memory
     seed: int = 1234
     device: str = "cpu"
+    threads: Optional[int] = None  # CPU threads (txl/runtime.py); None: OMP_NUM_THREADS or the usable cores
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
@@ -65,7 +66,10 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
 def _task(cfg: DictConfig) -> None:
     from txl.checkpoint import CheckpointError, load_model
     from txl.data import tokenizer_from_state
+    from txl.runtime import quiet_third_party, setup_threads
     try:
+        quiet_third_party()
+        setup_threads(cfg.threads)
         c = OmegaConf.to_object(cfg)
         model, tok_state, ck = load_model(c.ckpt_path, map_location=c.device)
         if tok_state is None:
