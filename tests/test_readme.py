@@ -219,3 +219,12 @@ def test_readme_commands_run(tmp_path, cli_env, corpus_files):
             assert "val_bpb" in summary and Path(summary["last_ckpt"]).is_file(), r.stdout[-2000:]
         if c.tool == "eval":
             assert "ppl" in json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_offline_hint_names_the_readme_override():
+    """README: offline, hub datasets fail with one line pointing at `data=text_files ...` (the group
+    override the README teaches, not `data.source=text_files`, which keeps the preset's hub fields)."""
+    from txl.data.sources import offline_message
+    msg = offline_message("wikitext", "no network")
+    assert "use data=text_files data.train=" in msg and "data.source=" not in msg
+    assert "(`data=text_files ...`)" in (ROOT / "README.md").read_text(encoding="utf-8")
