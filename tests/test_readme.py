@@ -228,3 +228,19 @@ def test_offline_hint_names_the_readme_override():
     msg = offline_message("wikitext", "no network")
     assert "use data=text_files data.train=" in msg and "data.source=" not in msg
     assert "(`data=text_files ...`)" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_wheel_ships_every_package_and_the_configs():
+    """`pip install .` (not editable) must give working CLIs: every txl package is listed in pyproject.toml
+    (an explicit list, because conf/ is mapped in as txl.conf) and every conf/*.yaml is package data."""
+    import fnmatch
+    import tomllib
+    st = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {str(p.parent.relative_to(ROOT)).replace(os.sep, ".") for p in (ROOT / "txl").rglob("__init__.py")}
+    assert found <= set(st["packages"]), f"add to [tool.setuptools] packages: {sorted(found - set(st['packages']))}"
+    assert st["package-dir"]["txl.conf"] == "conf"
+    globs = st["package-data"]["txl.conf"]
+    for y in (ROOT / "conf").rglob("*"):
+        if y.is_file():
+            rel = y.relative_to(ROOT / "conf").as_posix()
+            assert any(fnmatch.fnmatch(rel, g) and rel.count("/") == g.count("/") for g in globs), rel

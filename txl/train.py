@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from txl.config import register, to_objects
 
-CONF_DIR = os.environ.get("TXL_CONF_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
+_HERE = Path(__file__).resolve().parent  # a wheel ships conf/ as txl/conf (pyproject.toml); a checkout has ../conf
+CONF_DIR = os.environ.get("TXL_CONF_DIR") or str(_HERE / "conf" if (_HERE / "conf").is_dir() else _HERE.parent / "conf")
 ARCH_FIELDS = ("vocab_size", "n_layer", "d_model", "n_head", "d_head", "d_inner", "d_embed", "cutoffs",
                "div_val", "kind", "untie_r", "pre_lnorm", "tie_weight", "tie_projs")
 
