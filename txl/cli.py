@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Dict, NoReturn, Optional
 
-CONF_DIR = os.environ.get("TXL_CONF_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
+_HERE = Path(__file__).resolve().parent  # a wheel ships conf/ as txl/conf (pyproject.toml); a checkout has ../conf
+CONF_DIR = os.environ.get("TXL_CONF_DIR") or str(_HERE / "conf" if (_HERE / "conf").is_dir() else _HERE.parent / "conf")
 EXIT_OK, EXIT_NONFINITE, EXIT_BAD_INPUT, EXIT_IO = 0, 1, 2, 74
 LOCK_NAME = ".txl.lock"
 # errnos of a failing device or file system, not of a bad path given by the user

@@ -217,6 +217,8 @@ class TrainSchema:
     seed: int = 1234
     ckpt_path: Optional[str] = None
     run_dir: Optional[str] = None  # default: Hydra's output dir
+    # ---- process (txl/runtime.py) ----
+    threads: Optional[int] = None  # CPU threads; None: OMP_NUM_THREADS if set, else the usable cores (affinity)
 
 
 @dataclass
@@ -274,6 +276,8 @@ class EvalSchema:
     eval: EvalNode = field(default_factory=EvalNode)
     metrics: MetricsNode = field(default_factory=MetricsNode)
     seed: int = 1234
+    # ---- process (txl/runtime.py) ----
+    threads: Optional[int] = None  # CPU threads; None: OMP_NUM_THREADS if set, else the usable cores (affinity)
 
 
 def register() -> None:

@@ -162,8 +162,11 @@ def run(cfg: DictConfig) -> dict:
 
 def _task(cfg: DictConfig) -> None:
     from txl.cli import require_ckpt_path
+    from txl.runtime import quiet_third_party, setup_threads
     require_ckpt_path(cfg)
     try:
+        quiet_third_party()
+        setup_threads(cfg.threads)
         run(cfg)
     except KeyboardInterrupt:
         fail("interrupted; nothing written", code=130)

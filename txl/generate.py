@@ -34,6 +34,7 @@ class GenerateSchema:
     mem_len: Optional[int] = None  # None: the checkpoint's eval memory
     seed: int = 1234
     device: str = "cpu"
+    threads: Optional[int] = None  # CPU threads (txl/runtime.py); None: OMP_NUM_THREADS or the usable cores
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
@@ -119,8 +120,11 @@ def _task(cfg: DictConfig) -> None:
     from txl.checkpoint import load_model
     from txl.cli import require_ckpt_path
     from txl.data import tokenizer_from_state
+    from txl.runtime import quiet_third_party, setup_threads
     require_ckpt_path(cfg)
     try:
+        quiet_third_party()
+        setup_threads(cfg.threads)
         c = OmegaConf.to_object(cfg)
         model, tok_state, ck = load_model(c.ckpt_path, map_location=c.device)
         if tok_state is None:

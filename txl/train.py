@@ -37,7 +37,8 @@ def make_logger(cfg, run_dir: Path):
         Path.home().joinpath(".netrc").is_file() and "api.wandb.ai" in Path.home().joinpath(".netrc").read_text())
     mode = cfg.logger.mode or (None if configured else "offline")
     kw = {"mode": mode} if mode else {}
-    return WandbLogger(project=cfg.logger.project, save_dir=str(run_dir), config=cfg.resolved, **kw)
+    from txl.runtime import quiet_wandb_logger
+    return quiet_wandb_logger(WandbLogger(project=cfg.logger.project, save_dir=str(run_dir), config=cfg.resolved, **kw))
 
 
 def check_resume(ckpt_path: str, model_cfg, c=None) -> None:
@@ -91,6 +92,7 @@ def run(cfg: DictConfig) -> dict:
     from txl.data import TXLDataModule
     from txl.lit import TXLModule
     from txl.perf import ThroughputMonitor
+    from txl.progress import progress_callbacks
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     c = to_objects(cfg)  # every __post_init__ check runs here, before any work
@@ -141,7 +143,8 @@ def run(cfg: DictConfig) -> dict:
         check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches, enable_progress_bar=t.enable_progress_bar,
-        logger=make_logger(c, run_dir), callbacks=[ckpt_cb, ThroughputMonitor(t.peak_flops), *recipe_cbs], plugins=[AtomicCheckpointIO()],
+        logger=make_logger(c, run_dir), callbacks=[ckpt_cb, ThroughputMonitor(t.peak_flops), *recipe_cbs,
+                                                       *progress_callbacks(t.enable_progress_bar)], plugins=[AtomicCheckpointIO()],
         enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=str(run_dir),
         enable_model_summary=False,
     )
@@ -182,7 +185,10 @@ def _task(cfg: DictConfig) -> None:
     import signal
 
     from txl.lit import NonFiniteLossError
+    from txl.runtime import cpu_procs, quiet_third_party, setup_threads
     try:
+        quiet_third_party()
+        setup_threads(cfg.threads, procs=cpu_procs(cfg.trainer))
         run(cfg)
     except NonFiniteLossError as e:
         fail(error_line(e), code=EXIT_NONFINITE)

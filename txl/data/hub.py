@@ -63,7 +63,7 @@ def hf_offline():
 
 def offline_message(name: str, reason: str) -> str:
     return (f"data.hf_name: cannot reach the Hugging Face hub for dataset '{name}' ({reason}) and it "
-            f"is not in the local HF cache; download it elsewhere and use data.source=text_files "
+            f"is not in the local HF cache; download it elsewhere and use data=text_files "
             f"data.train=... data.valid=... data.test=..., or point data.hf_name at a local "
             f"save_to_disk directory, or set HF_DATASETS_OFFLINE=1 with a populated HF cache")
 
