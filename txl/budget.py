@@ -204,15 +204,19 @@ def _cgroup_limit() -> Optional[int]:
     return min(limits) if limits else None
 
 
+def on_gpu(accelerator: str) -> bool:
+    import torch
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def memory_limit(setting: Any, accelerator: str) -> tuple[int, str]:
     """-> (bytes one process may use, where the number comes from); 0 bytes: no check."""
     v = parse_size(setting)
     if v is not None:
         return v, "trainer.memory_limit"
     import torch
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        if torch.cuda.is_available():
-            return torch.cuda.mem_get_info()[1], f"memory of {torch.cuda.get_device_name()}"
+    if on_gpu(accelerator) and torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[1], f"memory of {torch.cuda.get_device_name()}"
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     cg = _cgroup_limit()
     return (cg, "cgroup memory limit") if cg is not None and cg < ram else (ram, "physical RAM")
@@ -240,13 +244,15 @@ def fit_model(c, vocab_size: int, tokenizer: str) -> TXLConfig:
         return estimate_memory(m, B, c.seq.tgt_len, c.seq.mem_len, ranked, params=None if m is not cfg else P)
 
     e = est(cfg)
-    log.info("txl-train: vocabulary %s types (%s tokenizer)", f"{vocab_size:,}", tokenizer)
-    if note:
-        log.info("txl-train: %s", note)
-    log.info("txl-train: model %s parameters (embedding + softmax %s); training needs ~%.2f GiB per process",
-             f"{P:,}", f"{e.vocab_params:,}", e.total / GiB)
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+    if rank_zero_only.rank == 0:  # once, not once per DDP process
+        log.info("txl-train: vocabulary %s types (%s tokenizer)", f"{vocab_size:,}", tokenizer)
+        if note:
+            log.info("txl-train: %s", note)
+        log.info("txl-train: model %s parameters (embedding + softmax %s); training needs ~%.2f GiB per process",
+                 f"{P:,}", f"{e.vocab_params:,}", e.total / GiB)
     limit, where = memory_limit(getattr(c.trainer, "memory_limit", None), c.trainer.accelerator)
-    share = local if c.trainer.accelerator == "cpu" else 1  # CPU processes of one machine share its RAM
+    share = 1 if on_gpu(c.trainer.accelerator) else local  # CPU processes of one machine share its RAM
     if limit and e.total * share > limit:
         raise ValueError(_too_big(cfg, e, share, limit, where, est, tokenizer))
     return cfg
