@@ -178,3 +178,19 @@ def test_a_vocabulary_too_big_for_the_memory_is_refused(tmp_path, run_cli):
     assert "vocabulary 60,002 types (word tokenizer)" in r.stdout  # logged at start, one line each
     assert f"model.cutoffs={auto_cutoffs(60_002)}" in r.stdout and " parameters " in r.stdout
     assert not any((run / "checkpoints").rglob("*")) and not list(run.rglob("*.ckpt"))  # nothing written
+
+
+def test_on_gpu_the_limit_is_the_gpus_memory_per_process(monkeypatch):
+    m = replace(_unresolved(), cutoffs=[])
+    one = estimate_memory(replace(m, vocab_size=100_000), 8, 64, 64).total  # global batch 16 over 2 processes
+    gpu = int(1.5 * one)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (1 << 20, gpu))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    assert memory_limit(None, "gpu") == memory_limit(None, "auto") == (gpu, "memory of Fake GPU")
+    c = _c(m, None, devices=2)
+    c.trainer.accelerator = "gpu"
+    assert fit_model(c, 100_000, "word").vocab_size == 100_000  # each process on its own GPU: one share each
+    c.data.batch_size = 64  # 32 streams per process: the logits alone outgrow it
+    with pytest.raises(ValueError, match=r"\(memory of Fake GPU\)"):
+        fit_model(c, 100_000, "word")
