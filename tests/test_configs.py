@@ -55,7 +55,8 @@ def test_released_settings_are_the_papers():
 @pytest.mark.parametrize("att", ATTENTIONS)
 def test_every_attention_composes_and_builds(att):
     c = to_objects(_compose(overrides=[f"attention={att}", "model=tiny"]))
-    TransformerXL(c.model)  # backend / pattern / kind combination accepted by the model too
+    from txl.budget import resolve_model  # the vocabulary is the data's: byte-level here
+    TransformerXL(resolve_model(c.model, 256, "byte")[0])  # backend / pattern / kind accepted by the model too
 
 
 @pytest.mark.parametrize("group", ["data", "model", "trainer", "logger"])

@@ -131,8 +131,12 @@ class TrainerNode:
     enable_progress_bar: bool = True  # off: one human-readable line every log_every_n_steps
     test_at_end: bool = True  # score the test split (eval lengths, whole split) with best.ckpt's weights
     peak_flops: Optional[float] = None  # FLOP/s of ONE device, for the logged mfu; None: GEMM probe at start
+    # memory one process may use (txl/budget.py): null = GPU memory / cgroup limit / RAM; '16GB'; 'off'
+    memory_limit: Any = None
 
     def __post_init__(self):
+        from txl.budget import parse_size
+        parse_size(self.memory_limit)  # a bad size fails here, before any work
         _need(self.peak_flops is None or self.peak_flops > 0,
               f"trainer.peak_flops must be > 0 (FLOP/s of one device) or null to probe, got {self.peak_flops}")
         _need(self.max_steps > 0, f"trainer.max_steps must be > 0, got {self.max_steps}")
@@ -201,6 +205,10 @@ def _unresolved_model() -> TXLConfig:
     d_embed (= d_model) or tie_projs (one per cluster) before the size and cutoffs are chosen."""
     m = TXLConfig()
     m.d_embed, m.tie_projs = None, None
+    # ---- the vocabulary is the data's (txl/budget.py) ---------------------------------------
+    # vocab_size: the tokenizer's, filled in by txl-train; cutoffs left unset (None) are chosen
+    # from the vocabulary (word-level: the paper's, scaled), given ones are checked against it.
+    m.vocab_size, m.cutoffs = None, None
     return m
 
 

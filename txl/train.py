@@ -114,7 +114,8 @@ def run(cfg: DictConfig) -> dict:
                        ext_len=c.seq.ext_len, eval_tgt_len=c.seq.eval_tgt_len,
                        eval_batch_size=c.data.eval_batch_size)
     tok = dm.load().tokenizer
-    model_cfg = replace(c.model, vocab_size=tok.vocab_size)  # the vocabulary decides; re-validated
+    from txl.budget import fit_model  # the vocabulary decides: cutoffs, and whether training fits in memory
+    model_cfg = fit_model(c, tok.vocab_size, tok.kind)  # re-validated; one line when it does not fit
     if c.ckpt_path:
         check_resume(c.ckpt_path, model_cfg, c)
     meta = {"tokenizer": tok.state_dict(), "data": asdict(c.data), "seq": asdict(c.seq), "config": resolved}
