@@ -95,7 +95,7 @@ def block_params(cfg: TXLConfig) -> int:
     """Parameters of one block, counted on the meta device (allocates nothing)."""
     import torch
 
-    from txl.model.layers import Block
+    from txl.model.block import Block
     with torch.device("meta"):
         return sum(p.numel() for p in Block(cfg).parameters())
 
