@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.txl-installed
 
-.PHONY: install train test test-fast bench clean
+.PHONY: install train test test-fast bench longrange clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(STAMP)
 
 train: install
 	$(BIN)/txl-train $(ARGS)
+
+# The paper's RECL comparison at small scale (scripts/longrange_demo.py; docs/metrics.md), e.g. ARGS="--steps 1000"
+longrange: install
+	$(BIN)/python scripts/longrange_demo.py $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

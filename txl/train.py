@@ -124,9 +124,15 @@ def run(cfg: DictConfig) -> dict:
     if c.logger.name == "wandb" and trainer.is_global_zero:  # flush now, so the summary stays the last line
         import wandb
         wandb.finish()
+    sweep = None
+    if ckpt_cb.signal is None and trainer.is_global_zero:  # metrics.final_sweep: ppl per eval_mem_len on test
+        from txl.metrics.final_sweep import after_training
+        sweep = after_training(c, module.model, dm.load(), run_dir)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     summary = {"step": trainer.global_step, "run_dir": str(run_dir), "last_ckpt": str(ckpt_dir / "last.ckpt"),
                **{k: round(v, 6) for k, v in metrics.items() if k.split("/")[0] in ("val_loss", "val_ppl", "val_bpb", "val_bpc")}}
+    if sweep is not None:
+        summary["context_sweep"] = {k: sweep[k] for k in ("contexts", "ppl")}
     if ckpt_cb.signal is not None:
         summary["stopped_by_signal"] = ckpt_cb.signal
     if trainer.is_global_zero:
