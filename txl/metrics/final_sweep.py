@@ -49,11 +49,11 @@ def final_sweep(model, tokens: np.ndarray, spec: Any, out_dir: Path, *, tgt_len:
     full = summarize_sweep(res, threshold)
     full.update(text=source, tgt_len=tgt_len, clamp_len=clamp_len, same_length=same_length, batch_size=batch_size)
     e = full["ecl"]
-    gain = 1.0 - math.exp(full["loss"][-1] - full["loss"][0])
+    change = math.exp(full["loss"][-1] - full["loss"][0]) - 1.0  # relative perplexity change, first -> last
     echo(f"context sweep on {source} ({full['tokens']} tokens, tgt_len {tgt_len}, clamp_len {clamp_len}, "
          f"same_length {str(same_length).lower()}):")
     echo(sweep_table(full["contexts"], full["loss"], unit))
-    echo(f"perplexity {full['ppl'][0]:.3f} -> {full['ppl'][-1]:.3f} ({gain:+.1%}) from eval_mem_len "
+    echo(f"perplexity {full['ppl'][0]:.3f} -> {full['ppl'][-1]:.3f} ({change:+.1%}) from eval_mem_len "
          f"{contexts[0]} to {contexts[-1]}; effective context (next step gains < {e['threshold']:g}): "
          f"{e['ecl']}{'+' if e['saturated'] else ''}")
     out_dir.mkdir(parents=True, exist_ok=True)
