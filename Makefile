@@ -15,7 +15,7 @@ TEST_BIN := $(TEST_VENV)/bin
 STAMP := $(VENV)/.txl-installed
 TEST_STAMP := $(TEST_VENV)/.txl-test-installed
 
-.PHONY: install install-test train test test-fast bench lock clean
+.PHONY: install install-test train test test-fast bench longrange lock clean
 
 # torch first (TORCH may point at another index), then the lock, then txl itself without resolving again
 $(STAMP): pyproject.toml requirements.lock
@@ -38,6 +38,10 @@ install-test: $(TEST_STAMP)
 
 train: install
 	$(BIN)/txl-train $(ARGS)
+
+# The paper's RECL comparison at small scale (scripts/longrange_demo.py; docs/metrics.md), e.g. ARGS="--steps 1000"
+longrange: install
+	$(BIN)/python scripts/longrange_demo.py $(ARGS)
 
 test: install-test
 	$(TEST_BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

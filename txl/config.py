@@ -186,6 +186,8 @@ class MetricsNode:
     threshold: float = 0.01  # effective context: the next context must gain this relative perplexity
     attention_maps: bool = False  # PNG heat maps of one segment's attention (txl/metrics/attention_maps.py)
     attention_maps_segment: int = 1  # ... of this segment of the stream (0: the first, without memory)
+    final_sweep: Any = None  # txl-train: context sweep on the test split at the end (null: off; auto | list)
+    final_sweep_tokens: int = 65536  # ... on its first N tokens (0: all)
 
     def __post_init__(self):
         for k in ("position_buckets", "nomem_batches", "attention_batches", "attention_maps_segment"):
@@ -193,11 +195,13 @@ class MetricsNode:
         _need(self.attention_rows >= 1, f"metrics.attention_rows must be >= 1, got {self.attention_rows}")
         _need(0 < self.threshold < 1, f"metrics.threshold must be in (0, 1), got {self.threshold}")
         _need(self.sweep_max is None or self.sweep_max >= 1, f"metrics.sweep_max must be >= 1, got {self.sweep_max}")
-        cs = self.context_sweep
-        if cs is not None and cs != "auto":
-            from txl.metrics.recl import parse_contexts
-            self.context_sweep = parse_contexts(list(cs) if not isinstance(cs, str) else cs,
-                                                where="metrics.context_sweep ('auto' or a list of eval_mem_len >= 0)")
+        _need(self.final_sweep_tokens >= 0, f"metrics.final_sweep_tokens must be >= 0, got {self.final_sweep_tokens}")
+        for k in ("context_sweep", "final_sweep"):
+            cs = getattr(self, k)
+            if cs is not None and cs != "auto":
+                from txl.metrics.recl import parse_contexts
+                setattr(self, k, parse_contexts(list(cs) if not isinstance(cs, str) else cs,
+                                                where=f"metrics.{k} ('auto' or a list of eval_mem_len >= 0)"))
 
 
 def _unresolved_model() -> TXLConfig:

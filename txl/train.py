@@ -165,6 +165,10 @@ def run(cfg: DictConfig) -> dict:
     if c.logger.name == "wandb" and trainer.is_global_zero:  # flush now, so the summary stays the last line
         import wandb
         wandb.finish()
+    sweep = None
+    if ckpt_cb.signal is None and trainer.is_global_zero:  # metrics.final_sweep: ppl per eval_mem_len on test
+        from txl.metrics.final_sweep import after_training
+        sweep = after_training(c, module.model, dm.load(), run_dir)
     last = ckpt_dir / "last.ckpt"
     summary = {"step": step, "run_dir": str(run_dir), "last_ckpt": str(last) if last.is_file() else None,
                "val_step": module.last_eval_step.get("val"),  # every figure names its step
@@ -173,6 +177,8 @@ def run(cfg: DictConfig) -> dict:
     if best_cb.best_step is not None:
         summary.update(best_ckpt=str(best_cb.path), best_step=best_cb.best_step, best_val_loss=round(best_cb.best, 6))
     summary.update(test)
+    if sweep is not None:
+        summary["context_sweep"] = {k: sweep[k] for k in ("contexts", "ppl")}
     if ckpt_cb.signal is not None:
         summary["stopped_by_signal"] = ckpt_cb.signal
     if trainer.is_global_zero:
