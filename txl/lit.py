@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import grad_norm
 
-from txl.model import IGNORE, TransformerXL, TXLConfig
+from txl.model import IGNORE, CompressiveMemory, TransformerXL, TXLConfig
 
 LN2 = math.log(2.0)
 
@@ -77,13 +77,17 @@ class TXLModule(pl.LightningModule):
         self.train_mems = out.mems
         self.next_pos = {"epoch": int(batch["epoch"]), "pos": int(batch["pos"]) + 1}
         loss = out.loss
+        if out.aux_loss is not None:  # memory=compressive: the compression's own objective (no gradient
+            # reaches the main model through it); train_loss below stays the language-model loss
+            self.log("train_recon", out.recon_loss.detach(), on_step=True, on_epoch=False, batch_size=ids.size(0))
+            loss = loss + out.aux_loss
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at step {self.global_step + 1}")
         log = dict(on_step=True, on_epoch=False, batch_size=ids.size(0), sync_dist=self.trainer.world_size > 1)
-        self.log("train_loss", loss, prog_bar=True, **log)
-        self.log("train_ppl", torch.exp(loss.detach().clamp(max=50)), **log)
+        self.log("train_loss", out.loss, prog_bar=True, **log)
+        self.log("train_ppl", torch.exp(out.loss.detach().clamp(max=50)), **log)
         if self.unit:
-            self.log(f"train_bp{self.unit[0]}", loss.detach() / LN2, **log)
+            self.log(f"train_bp{self.unit[0]}", out.loss.detach() / LN2, **log)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=ids.size(0))
         return loss
 
@@ -170,6 +174,7 @@ class TXLModule(pl.LightningModule):
             "model_config": self.model.cfg.to_dict(),
             "mems": [m.detach().cpu() for m in mems] if mems is not None else None,
             "mems_world": self.trainer.world_size,
+            "mems_n_cmem": getattr(self.train_mems, "n_cmem", None),  # compressed slots in front (compressive)
             "stream": dict(self.next_pos),
             "rng": rng_state(),
             "unit": self.unit,
@@ -189,6 +194,8 @@ class TXLModule(pl.LightningModule):
             if world > 1:
                 mems = [m[self.trainer.global_rank] for m in mems]
             self.train_mems = [m.to(self.device) for m in mems]
+            if t.get("mems_n_cmem") is not None:  # the first n_cmem rows are compressed slots
+                self.train_mems = CompressiveMemory(self.train_mems, t["mems_n_cmem"])
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None:
             dm.set_train_position(**self.next_pos)
