@@ -116,6 +116,12 @@ def test_gradients_never_reach_either_memory():
     assert all(leaf.grad is None for leaf in leaves)
     assert model.compressor.conv_w.grad.abs().sum() > 0
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("compressor."))
+    # before the first eviction: a zero loss that still reaches every compression weight (DDP)
+    model.zero_grad(set_to_none=True)
+    first = model(x[:, :T], labels=x[:, :T])
+    assert first.mems.n_cmem == 0 and first.aux_loss.item() == 0.0
+    first.aux_loss.backward()
+    assert model.compressor.conv_w.grad is not None and model.compressor.conv_w.grad.abs().sum() == 0
 
 
 def test_reconstruction_loss_decreases_on_a_toy():
