@@ -177,19 +177,25 @@ def test_config_refusals():
 
 
 @pytest.mark.slow
-def test_train_end_to_end_with_compressive_memory(tmp_path, corpus_files, run_cli):
-    d = tmp_path / "run"
-    from conftest import tiny_train_args
-    r = run_cli("train", *tiny_train_args(corpus_files, d, "memory=compressive", "model.memory.cmem_len=8",
-                                          "seq.mem_len=8", "trainer.max_steps=12", "trainer.val_check_interval=12"))
+def test_train_end_to_end_with_compressive_memory_and_exact_resume(tmp_path, corpus_files, run_cli):
+    from conftest import read_losses, tiny_train_args
+    args = ("memory=compressive", "model.memory.cmem_len=8", "seq.mem_len=8", "model.dropout=0.1",
+            "trainer.max_steps=12", "trainer.val_check_interval=12", "checkpoint.every_n_steps=6")
+    d, e = tmp_path / "run", tmp_path / "resumed"
+    r = run_cli("train", *tiny_train_args(corpus_files, d, *args))
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["step"] == 12 and summary["val_loss"] > 0
     import csv
     with open(d / "metrics.csv") as f:
         recon = [float(row["train_recon"]) for row in csv.DictReader(f) if row.get("train_recon")]
-    assert recon and all(v >= 0 for v in recon)  # from the step whose memory first overflows
+    assert recon and all(v >= 0 for v in recon) and max(recon) > 0
     att = [json.loads(line) for line in (d / "metrics" / "val.jsonl").read_text().splitlines()][-1]["attention"]
     assert len(att["layer_compressed_mass"]) == 2 and all(0 < m < 1 for m in att["layer_compressed_mass"])
-    ck = torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ck["txl"]["mems_n_cmem"] == 8 and ck["txl"]["model_config"]["memory"]["kind"] == "compressive"
+    ck = torch.load(d / "checkpoints" / "step-000006.ckpt", map_location="cpu", weights_only=False)
+    assert ck["txl"]["mems_n_cmem"] > 0 and ck["txl"]["model_config"]["memory"]["kind"] == "compressive"
+    # resumed from step 6 (compressed slots in the checkpoint): the same losses, bit for bit
+    r2 = run_cli("train", *tiny_train_args(corpus_files, e, *args, f"ckpt_path={d / 'checkpoints' / 'step-000006.ckpt'}"))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    full, resumed = read_losses(d), read_losses(e)
+    assert sorted(resumed) == list(range(6, 12)) and all(resumed[k] == full[k] for k in resumed)
