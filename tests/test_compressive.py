@@ -174,6 +174,11 @@ def test_config_refusals():
     assert isinstance(model.init_mems(2, projected=True), CompressiveMemory)  # no key / value form
     with pytest.raises(ValueError, match="eval.mems=hidden"):
         model.project_mems(model.init_mems(2))
+    with pytest.raises(ValueError, match="eval.mems=hidden"):
+        model.project_mems([torch.zeros(2, 3, 32)] * 2)
+    kv = TransformerXL(TXLConfig(seq=dict(tgt_len=T, mem_len=M))).init_mems(2, projected=True)
+    with torch.no_grad(), pytest.raises(ValueError, match="eval.mems=hidden"):
+        model(torch.zeros(2, T, dtype=torch.long), mems=kv)
 
 
 @pytest.mark.slow

@@ -98,6 +98,8 @@ class TransformerXL(nn.Module):
 
     def project_mems(self, mems) -> KVMemory:
         """A memory (or a list of (B, M, D) hidden states) -> its keys / values (B, M, 2NH) per layer."""
+        if self.compressor is not None:
+            return CompressiveMemory.projected(mems, self.blocks)  # refuses in one line: no key / value form
         return as_memory(mems).projected(self.blocks)
 
     # ---- forward ---------------------------------------------------------------------------
@@ -150,6 +152,8 @@ class TransformerXL(nn.Module):
         # still carry a graph or require grad: no gradient may ever reach them.
         mems = self.init_mems(B) if mems is None else as_memory(mems).detach()
         if self.compressor is not None and not isinstance(mems, CompressiveMemory):
+            if mems.inference_only:
+                CompressiveMemory.projected(mems, self.blocks)  # keys / values cannot be compressed: refuses
             mems = CompressiveMemory(mems.layers, 0)  # plain hidden states: no compressed slots yet
         M = mems[0].size(1)
         K = M + T
