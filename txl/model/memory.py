@@ -1,7 +1,7 @@
 """Segment-level recurrence: the memory, one (B, M, X) tensor per layer, detached (stop-gradient,
 Dai et al. 2019 eq. 1). Never updated in place: update() returns a new memory.
 
-Two kinds, chosen once (TransformerXL.init_mems) and carried by the object from then on:
+Three kinds, chosen once (TransformerXL.init_mems) and carried by the object from then on:
   HiddenMemory  each layer's *inputs* for the last M positions, X = D. What training needs (the loss
                 wants W_k, W_v's gradient on the memory rows); a plain list of tensors is read as this.
   KVMemory      each layer's keys / values, X = 2NH, for inference only: keys and values of a memory
