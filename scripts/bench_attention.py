@@ -35,7 +35,9 @@ CONFIGS = {  # name -> (kind, attn)
     "rel_fused bigbird": ("relative", dict(backend="rel_fused", pattern="bigbird", window=128, block_size=64,
                                            n_global=1, n_random=2)),
     "rel_ref topk256": ("relative", dict(backend="rel_ref", pattern="topk", topk=256)),
+    "rel_ref routing c4 w128": ("relative", dict(backend="rel_ref", pattern="routing", n_clusters=4, window=128)),
     "rel_ref additive": ("relative", dict(backend="rel_ref", score="additive")),
+    "rel_ref mixed a4": ("relative", dict(backend="rel_ref", score="mixed", n_additive_heads=4)),
     "rel_fused alibi": ("alibi", dict(backend="rel_fused")),
 }
 QUICK = ["rel_ref dense", "rel_fused dense", "rel_fused local w256", "rel_fused block_sparse b64"]
@@ -46,7 +48,7 @@ def estimate_gb(name, B, T, M, N, H, D) -> float:
     K = M + T
     proj = 8 * B * K * D * 4
     attn = name.split()[1]
-    if "additive" in name:
+    if "additive" in name or "mixed" in name:
         return (proj + 4 * B * N * T * K * H * 4) / 1e9
     if attn in ("local", "block_sparse") and "+g" not in name:
         return (proj + 8 * B * N * T * 512 * 4) / 1e9

@@ -42,6 +42,8 @@ def parse(argv: Optional[list] = None) -> argparse.Namespace:
     ap.add_argument("--threshold", type=float, default=0.01, help="relative perplexity gain threshold (0.01)")
     ap.add_argument("--tgt-len", type=int, default=None, help="segment length (default: the smallest eval_tgt_len)")
     ap.add_argument("--same-length", action="store_true", help="every query sees the same number of keys")
+    ap.add_argument("--clamp-len", type=int, default=None,
+                    help="clamp relative distances at this length (default: each checkpoint's own clamp_len)")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--names", default=None, help="comma-separated model names (default: run directory names)")
@@ -86,7 +88,7 @@ def run(a: argparse.Namespace) -> dict:
         print("recl: --same-length is off for context 0 (nothing to equalise)", file=sys.stderr)
     mats = []
     for name, (model, _, _) in zip(names, models):
-        model.set_lengths(ext_len=0)
+        model.set_lengths(ext_len=0, **({} if a.clamp_len is None else {"clamp_len": a.clamp_len}))
         res = sweep(model, tokens, tgt, contexts, a.batch_size, same_length=a.same_length, progress=sys.stderr.isatty())
         mats.append(res["token_losses"])
         print(f"recl: {name}: " + " ".join(f"{c}:{l:.4f}" for c, l in zip(contexts, res["loss"])), file=sys.stderr)
@@ -94,7 +96,7 @@ def run(a: argparse.Namespace) -> dict:
     results = {r: recl(losses, contexts, r, a.threshold) for r in rs}
     mean = losses.mean(-1)  # (N, C)
     out = {"models": names, "ckpts": list(a.ckpts), "text": a.text, "tokens": int(losses.shape[-1]),
-           "tgt_len": tgt, "same_length": a.same_length, "contexts": contexts, "threshold": a.threshold,
+           "tgt_len": tgt, "same_length": a.same_length, "clamp_len": a.clamp_len, "contexts": contexts, "threshold": a.threshold,
            "loss": mean.round(6).tolist(), "ppl": np.exp(np.minimum(mean, 700)).round(4).tolist(),
            "recl": {f"{r:g}": [{"model": n, **x} for n, x in zip(names, results[r])] for r in rs}}
     print(f"## RECL (threshold {a.threshold:g}, contexts {contexts}, tgt_len {tgt}, {out['tokens']} tokens)\n")

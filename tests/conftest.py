@@ -63,7 +63,7 @@ def tiny_train_args(corpus_files, run_dir, *extra: str) -> list[str]:
     tr, va, te = corpus_files
     return ["model=tiny", "data=text_files", f"data.train={tr}", f"data.valid={va}", f"data.test={te}",
             "data.tokenizer=char", "data.batch_size=4", "data.eval_batch_size=2", "seq.tgt_len=16", "seq.mem_len=16",
-            "optim.lr=0.003", "logger=csv", "trainer.max_steps=30", "trainer.log_every_n_steps=1", "trainer.val_check_interval=15",
+            "optim.lr=0.003", "optim.warmup_steps=0", "logger=csv", "trainer.max_steps=30", "trainer.log_every_n_steps=1", "trainer.val_check_interval=15",
             "trainer.limit_val_batches=4", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}", *extra]
 
 

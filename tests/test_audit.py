@@ -10,6 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from txl.config import OptimNode
 from txl.data.stream import OrderedStream
 from txl.eval import evaluate_tokens
 from txl.lit import TXLModule, lr_lambda
@@ -33,8 +34,8 @@ def _cfg(**kw):
 
 
 # ---- training memory across epoch boundaries -------------------------------------------------------
-OPTIM = SimpleNamespace(name="adam", lr=3e-3, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=2,
-                        scheduler="cosine", min_lr_ratio=0.1)
+OPTIM = OptimNode(name="adam", lr=3e-3, betas=(0.9, 0.99), weight_decay=0.0, warmup_steps=2,
+                  scheduler="cosine", min_lr_ratio=0.1)
 STEPS = 7  # 3 segments per epoch: steps 0-2 epoch 0, 3-5 epoch 1, 6 epoch 2 (the stream wraps twice)
 
 

@@ -112,6 +112,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ckpt, tmp_path, corpu
     r = run_cli("train", *tiny_train_args(corpus_files, tmp_path / "run", "trainer.max_steps=8",
                                          "checkpoint.every_n_steps=1", f"ckpt_path={bad}"))
     assert r.returncode == 1 and "non-finite training loss" in _last_line(r), r.stderr[-1500:]
+    assert _last_line(r).endswith(f"this run saved no checkpoint; the earlier {good / 'last.ckpt'} is kept")
     assert _files(tmp_path / "run") == ["last.ckpt"] and (good / "last.ckpt").read_bytes() == before
 
 
@@ -124,6 +125,7 @@ def test_eval_bad_inputs(ckpt, tmp_path, run_cli):
         "unknown tokens": ([f"ckpt_path={ckpt}", f"eval.text_file={unknown}"], "no token known"),
         "bad length": ([f"ckpt_path={ckpt}", "seq.eval_tgt_len=0"], "eval_tgt_len"),
         "bad mems": ([f"ckpt_path={ckpt}", "eval.mems=kv"], "eval.mems"),
+        "no ckpt_path": ([], "txl-eval: error: ckpt_path is required"),
     }
     for name, (args, needle) in cases.items():
         out = tmp_path / name.replace(" ", "_")
@@ -150,3 +152,31 @@ def test_converted_checkpoint_evaluates(tmp_path, run_cli):
     assert r.returncode == 0, r.stderr[-1500:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["tokens"] == 40 * 13 - 1 and res["bpc"] is None and res["loss"] > 0
+
+
+def test_disk_full_while_saving(ckpt, tmp_path, corpus_files, cli_env):
+    """A write that fails (here: a file-size limit, EFBIG; a full disk gives ENOSPC the same way):
+    one line naming the path and errno, exit 74, no temp file, the previous last.ckpt intact; an
+    orphan temp file of an earlier kill -9 is removed at the start."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    run = tmp_path / "run"
+    good = run / "checkpoints"
+    good.mkdir(parents=True)
+    shutil.copy(ckpt, good / "last.ckpt")
+    before = (good / "last.ckpt").read_bytes()
+    (good / ".last.ckpt.999-0badc0de.txl-tmp").write_bytes(b"half a file")
+
+    def limit():  # checkpoints (~330 KB) no longer fit; the token cache and logs do
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    r = subprocess.run([sys.executable, "-m", "txl.train", *tiny_train_args(corpus_files, run, "trainer.max_steps=2")],
+                       cwd=str(ROOT), env=cli_env, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert r.returncode == 74, r.stderr[-2000:]
+    assert _last_line(r) == f"txl-train: error: cannot write {good / 'step-000002.ckpt'}: [Errno 27] File too large"
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in good.iterdir()) == ["last.ckpt"] and (good / "last.ckpt").read_bytes() == before

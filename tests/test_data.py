@@ -6,8 +6,8 @@ import time
 import numpy as np
 import pytest
 
-import txl.data.corpus as corpus_mod
-import txl.data.sources as sources
+import txl.data.build as build_mod
+import txl.data.hub as hub
 from txl.data import (ByteTokenizer, CharTokenizer, CorpusConfig, DataError, WordTokenizer,
                       build_tokenizer, load_corpus, tokenizer_from_state)
 from txl.data.sources import cap_bytes, carve, stdlib_files, stdlib_split
@@ -28,8 +28,8 @@ def no_network(monkeypatch):
     """Make 'offline' deterministic on any machine: connects fail, no cached probe result."""
     def refuse(*a, **k):
         raise OSError("network is unreachable (test)")
-    monkeypatch.setattr(sources.socket, "create_connection", refuse)
-    monkeypatch.setattr(sources, "_probe_cache", {})
+    monkeypatch.setattr(hub.socket, "create_connection", refuse)
+    monkeypatch.setattr(hub, "_probe_cache", {})
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -183,10 +183,11 @@ def test_cache_hit_and_key(files, tmp_path, monkeypatch):
     assert isinstance(c1.train, np.memmap) and c1.train.dtype == np.uint8
     names = sorted(os.listdir(c1.cache_path))
     assert names == ["meta.json", "test.npy", "tokenizer.json", "train.npy", "valid.npy"]  # no tmp left
+    assert sorted(os.listdir(cfg.cache_dir)) == [os.path.basename(c1.cache_path)]
 
     def boom(*a, **k):
         raise AssertionError("tokenizer rebuilt on a cache hit")
-    monkeypatch.setattr(corpus_mod, "build_tokenizer", boom)
+    monkeypatch.setattr(build_mod, "train_tokenizer", boom)
     c2 = load_corpus(cfg)  # second load: from the cache, no tokenization
     assert c2.cache_path == c1.cache_path and c2.tokenizer.itos == c1.tokenizer.itos
     assert all(np.array_equal(c1.split(s), c2.split(s)) for s in ("train", "valid", "test"))
@@ -211,13 +212,13 @@ def test_hub_probe_is_bounded(monkeypatch):
     def hang(*a, **k):
         time.sleep(2)
         raise OSError("too late")
-    monkeypatch.setattr(sources.socket, "create_connection", hang)
-    monkeypatch.setattr(sources, "_probe_cache", {})
+    monkeypatch.setattr(hub.socket, "create_connection", hang)
+    monkeypatch.setattr(hub, "_probe_cache", {})
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     t0 = time.time()
-    assert sources.hub_offline_reason(timeout=0.2) == "no answer within 0.2s"  # a hanging connect/DNS is cut off
+    assert hub.hub_offline_reason(timeout=0.2) == "no answer within 0.2s"  # a hanging connect/DNS is cut off
     assert time.time() - t0 < 1
 
 
@@ -264,7 +265,6 @@ def test_hf_packaged_text_builder_matches_text_files(files, tmp_path):
                                       hf_data_files={"train": files["train"], "validation": files["valid"],
                                                      "test": files["test"]}))
     via_files = load_corpus(CorpusConfig(source="text_files", tokenizer="word", cache_dir=str(tmp_path / "c"), **files))
-    assert via_hf.meta["key"] == via_files.meta["key"]  # same bytes + tokenizer -> same cache key
     for s in ("train", "valid", "test"):
         assert np.array_equal(via_hf.split(s), via_files.split(s))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def trained(tmp_path_factory, corpus_files, run_cli):
 def test_train_writes_step_checkpoints_metrics_and_summary(trained):
     d, r = trained
     names = sorted(p.name for p in (d / "checkpoints").iterdir())
-    assert names == ["last.ckpt", "step-000015.ckpt", "step-000030.ckpt"]
+    assert names == ["best.ckpt", "last.ckpt", "step-000015.ckpt", "step-000030.ckpt"]
     losses = read_losses(d)
     assert sorted(losses) == list(range(30))  # one training loss per step
     summary = json.loads(r.stdout.strip().splitlines()[-1])
@@ -49,12 +50,23 @@ def test_train_writes_step_checkpoints_metrics_and_summary(trained):
     assert t["tokenizer"]["kind"] == "char" and ck["global_step"] == 30
 
 
+def _loss_rows(run_dir) -> list:
+    import csv
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return [(int(r["step"]), r["train_loss"]) for r in csv.DictReader(f) if r.get("train_loss")]
+
+
 def test_resume_reproduces_the_uninterrupted_run_exactly(trained, tmp_path, corpus_files, run_cli):
+    """... and, resumed into the directory of the run it continues, appends to its metrics.csv."""
     d, _ = trained
+    shutil.copy(d / "metrics.csv", tmp_path / "metrics.csv")  # the interrupted run's log, steps 0..29
+    before = _loss_rows(tmp_path)
     r = run_cli("train", *tiny_train_args(corpus_files, tmp_path, "checkpoint.every_n_steps=15", "model.dropout=0.1",
                                          f"ckpt_path={d / 'checkpoints' / 'step-000015.ckpt'}"))
     assert r.returncode == 0, r.stderr[-3000:]
-    full, resumed = read_losses(d), read_losses(tmp_path)
+    rows = _loss_rows(tmp_path)
+    assert rows[:len(before)] == before and len(before) == 30  # nothing logged earlier is lost
+    full, resumed = read_losses(d), dict(rows[len(before):])
     assert sorted(resumed) == list(range(15, 30))
     assert {k: full[k] for k in resumed} == resumed  # equality of the logged values, not closeness
 
@@ -137,22 +149,37 @@ def test_ddp_equals_single_process_and_resumes_exactly(tmp_path, corpus_files, r
     assert all(torch.equal(pc[k], pb[k]) for k in pb)
 
 
-def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, corpus_files, cli_env):
-    args = tiny_train_args(corpus_files, tmp_path, "trainer.max_steps=100000", "checkpoint.every_n_steps=5")
+def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, corpus_files, cli_env, run_cli):
+    """SIGTERM: checkpoint, then exit at once (no validation: none is due before step 100000); a
+    second run into the live run's directory fails at once; keep_last_n prunes; one file mode."""
+    args = tiny_train_args(corpus_files, tmp_path, "trainer.max_steps=100000", "checkpoint.every_n_steps=5",
+                           "checkpoint.keep_last_n=2", "trainer.val_check_interval=100000")
     p = subprocess.Popen([sys.executable, "-m", "txl.train", *args], cwd=str(ROOT), env=cli_env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = tmp_path / "checkpoints" / "step-000005.ckpt"
+    first = tmp_path / "checkpoints" / "step-000010.ckpt"
     t0 = time.time()
     while not first.exists() and time.time() - t0 < 120 and p.poll() is None:
         time.sleep(0.2)
-    assert first.exists(), "training never reached step 5"
+    assert first.exists(), "training never reached step 10"
+    hydra_cfg = (tmp_path / ".hydra" / "config.yaml").read_text()
+    r = run_cli("train", *args)  # the same run dir, while the first run lives
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"txl-train: error: hydra.run.dir: {tmp_path} is in use by a live run (pid {p.pid}); give each run its own "
+        "hydra.run.dir"), r.stderr[-2000:]
+    assert (tmp_path / ".hydra" / "config.yaml").read_text() == hydra_cfg
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
     ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert 5 <= ck["global_step"] < 100000
-    assert (tmp_path / "checkpoints" / f"step-{ck['global_step']:06d}.ckpt").exists()
-    assert json.loads(out.strip().splitlines()[-1])["stopped_by_signal"] == signal.SIGTERM
+    assert 10 <= ck["global_step"] < 100000
+    steps = sorted(q.name for q in (tmp_path / "checkpoints").glob("step-*.ckpt"))
+    assert len(steps) == 2 and steps[-1] == f"step-{ck['global_step']:06d}.ckpt"
+    assert len({q.stat().st_mode for q in (tmp_path / "checkpoints").iterdir()}) == 1
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["stopped_by_signal"] == signal.SIGTERM and "val_loss" not in summary
+    import csv
+    with open(tmp_path / "metrics.csv") as f:
+        assert not any(row.get("val_loss") for row in csv.DictReader(f))
 
 
 @pytest.mark.parametrize("extra", [("trainer.precision=bf16-mixed",), ("logger=wandb",), ("logger=tensorboard",),

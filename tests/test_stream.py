@@ -139,12 +139,15 @@ def test_datamodule_streams_and_position(cfg):
     assert same(next(iter(dm3.train_dataloader())), ref.segment(5))
 
 
-def test_datamodule_from_config(cfg):
+def test_datamodule_from_mapping(cfg):
+    """A plain mapping goes through CorpusConfig.from_dict, the one builder: unknown keys fail."""
     d = {k: getattr(cfg, k) for k in ("source", "train", "valid", "test", "tokenizer", "cache_dir")}
-    dm = TXLDataModule.from_config({**d, "batch_size": 4, "eval_batch_size": 2}, tgt_len=16)
+    dm = TXLDataModule(d, batch_size=4, tgt_len=16, eval_batch_size=2)
     assert (dm.batch_size, dm.eval_batch_size, dm.eval_tgt_len, dm.cfg.tokenizer) == (4, 2, 16, "char")
     with pytest.raises(DataError, match="unknown corpus option"):
-        TXLDataModule.from_config({**d, "batch_size": 4, "bogus": 1}, tgt_len=16)
+        TXLDataModule({**d, "bogus": 1}, batch_size=4, tgt_len=16)
+    wide = {**d, "batch_size": 4, "eval_batch_size": 2}  # e.g. a checkpoint's data node
+    assert CorpusConfig.from_dict(wide, strict=False) == CorpusConfig.from_dict(d)
 
 
 def test_datamodule_ddp_rank_rows(cfg):

@@ -9,12 +9,12 @@ load through `load_model`.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from txl.files import atomic_write
 from txl.model import TransformerXL, TXLConfig
 
 FORMAT, VERSION = "txl-model", 1
@@ -25,20 +25,8 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temp file in the same directory, fsync, then rename: never a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save through txl.files.atomic_write: never a half file; a failed write raises WriteError."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def model_payload(model: TransformerXL, tokenizer: Optional[dict] = None, meta: Optional[dict] = None) -> dict:

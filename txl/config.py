@@ -6,6 +6,7 @@ work starts). The model node *is* txl.model.TXLConfig: names in configs, classes
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional
 
@@ -14,30 +15,60 @@ from omegaconf import DictConfig, OmegaConf
 
 from txl.data import CorpusConfig
 from txl.model import TXLConfig
-from txl.model.config import _need
+from txl.model.config import SeqConfig, _need
+from txl.schedule import SCHEDULERS
 
 
 @dataclass
 class SeqNode:
-    """Every sequence length, defined once; the model and data nodes interpolate these."""
+    """Every sequence length, defined once; the model and data nodes interpolate these.
 
-    tgt_len: int = 64
-    mem_len: int = 64
-    ext_len: int = 0
-    eval_tgt_len: int = 64
-    eval_mem_len: int = 64
-    clamp_len: int = -1
-    same_length: bool = False
+    The training lengths default to the model's own (txl.model.SeqConfig: one default per length).
+    The eval_* settings apply to validation, the end-of-training test and txl-eval (never to
+    training), as the released scripts pass clamp_len / same_length to eval.py only; null:
+      eval_tgt_len     -> tgt_len
+      eval_mem_len     -> mem_len + tgt_len - eval_tgt_len when the eval segment is shorter (the
+                          original's rule: the same attention span as in training), else mem_len
+      eval_clamp_len   -> clamp_len
+      eval_same_length -> same_length
+    """
+
+    tgt_len: int = SeqConfig.tgt_len
+    mem_len: int = SeqConfig.mem_len
+    ext_len: int = SeqConfig.ext_len
+    eval_tgt_len: Optional[int] = None
+    eval_mem_len: Optional[int] = None
+    clamp_len: int = SeqConfig.clamp_len  # training
+    same_length: bool = SeqConfig.same_length  # training
+    eval_clamp_len: Optional[int] = None
+    eval_same_length: Optional[bool] = None
 
     def __post_init__(self):
+        if self.eval_tgt_len is None:
+            self.eval_tgt_len = self.tgt_len
+        if self.eval_mem_len is None:
+            self.eval_mem_len = default_eval_mem_len(self.tgt_len, self.mem_len, self.eval_tgt_len)
+        if self.eval_clamp_len is None:
+            self.eval_clamp_len = self.clamp_len
+        if self.eval_same_length is None:
+            self.eval_same_length = self.same_length
         for k in ("tgt_len", "eval_tgt_len"):
             _need(getattr(self, k) > 0, f"seq.{k} must be > 0, got {getattr(self, k)}")
         for k in ("mem_len", "eval_mem_len", "ext_len"):
             _need(getattr(self, k) >= 0, f"seq.{k} must be >= 0, got {getattr(self, k)}")
         _need(self.ext_len < self.tgt_len, f"seq.ext_len ({self.ext_len}) must be < seq.tgt_len ({self.tgt_len})")
         if self.same_length:
-            _need(self.mem_len > 0 and self.eval_mem_len > 0,
-                  "seq.same_length=true needs seq.mem_len > 0 and seq.eval_mem_len > 0")
+            _need(self.mem_len > 0, "seq.same_length=true needs seq.mem_len > 0")
+        if self.eval_same_length:
+            _need(self.eval_mem_len > 0, "seq.eval_same_length=true needs seq.eval_mem_len > 0")
+
+
+def default_eval_mem_len(tgt_len: int, mem_len: int, eval_tgt_len: int) -> int:
+    """The original train.py's evaluation memory: a shorter eval segment gets the difference as
+    extra memory, so every query keeps the training attention span mem_len + tgt_len."""
+    if mem_len > 0 and eval_tgt_len < tgt_len:
+        return mem_len + tgt_len - eval_tgt_len
+    return mem_len
 
 
 @dataclass
@@ -47,15 +78,18 @@ class DataNode(CorpusConfig):
     name: Optional[str] = "pystdlib"
     batch_size: int = 16  # global: split over DDP ranks
     eval_batch_size: int = 8
+    batch_chunk: int = 1  # split each training batch into this many row chunks (memory, not maths)
     options: Dict[str, Any] = field(default_factory=dict)  # source-specific (e.g. synthetic_recall)
 
     def __post_init__(self):
         super().__post_init__()
         _need(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}")
         _need(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0, got {self.eval_batch_size}")
+        _need(self.batch_chunk > 0 and self.batch_size % self.batch_chunk == 0,
+              f"data.batch_chunk must be > 0 and divide data.batch_size ({self.batch_size}), got {self.batch_chunk}")
 
     def corpus_config(self) -> CorpusConfig:
-        return CorpusConfig(**{f.name: getattr(self, f.name) for f in fields(CorpusConfig)})
+        return CorpusConfig.from_dict({f.name: getattr(self, f.name) for f in fields(self)}, strict=False)
 
 
 @dataclass
@@ -65,15 +99,18 @@ class OptimNode:
     betas: tuple = (0.9, 0.999)
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    scheduler: str = "cosine"  # cosine | constant
-    min_lr_ratio: float = 0.0
+    scheduler: str = "cosine"  # cosine | constant | original (txl/schedule.py)
+    min_lr_ratio: float = 0.0  # cosine: final lr = min_lr_ratio * lr
+    eta_min: float = 0.0  # original: the absolute floor of its cosine (--eta_min)
+    clip_nonemb: bool = False  # clip the gradient norm of the transformer blocks only (--clip_nonemb)
 
     def __post_init__(self):
         _need(self.name in ("adam", "adamw"), f"optim.name must be one of ['adam', 'adamw'], got {self.name!r}")
-        _need(self.scheduler in ("cosine", "constant"),
-              f"optim.scheduler must be one of ['cosine', 'constant'], got {self.scheduler!r}")
+        _need(self.scheduler in SCHEDULERS,
+              f"optim.scheduler must be one of {list(SCHEDULERS)}, got {self.scheduler!r}")
         _need(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _need(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _need(0 <= self.eta_min <= self.lr, f"optim.eta_min must be within [0, optim.lr={self.lr}], got {self.eta_min}")
 
 
 @dataclass
@@ -86,15 +123,20 @@ class TrainerNode:
     strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp
     precision: str = "32-true"
     max_steps: int = 1000
-    val_check_interval: int = 250
-    limit_val_batches: Any = 1.0
+    val_check_interval: int = 250  # optimizer steps (also at the last step, always)
+    limit_val_batches: Any = 1.0  # 1.0: the whole split; a cap logs val_fraction (share of tokens scored)
     log_every_n_steps: int = 10
     gradient_clip_val: float = 0.25
     accumulate_grad_batches: int = 1
-    enable_progress_bar: bool = True
+    enable_progress_bar: bool = True  # off: one human-readable line every log_every_n_steps
+    test_at_end: bool = True  # score the test split (eval lengths, whole split) with best.ckpt's weights
     peak_flops: Optional[float] = None  # FLOP/s of ONE device, for the logged mfu; None: GEMM probe at start
+    # memory one process may use (txl/budget.py): null = GPU memory / cgroup limit / RAM; '16GB'; 'off'
+    memory_limit: Any = None
 
     def __post_init__(self):
+        from txl.budget import parse_size
+        parse_size(self.memory_limit)  # a bad size fails here, before any work
         _need(self.peak_flops is None or self.peak_flops > 0,
               f"trainer.peak_flops must be > 0 (FLOP/s of one device) or null to probe, got {self.peak_flops}")
         _need(self.max_steps > 0, f"trainer.max_steps must be > 0, got {self.max_steps}")
@@ -117,6 +159,7 @@ class LoggerNode:
 class CheckpointNode:
     every_n_steps: int = 0  # 0: only at the end (and on SIGTERM / SIGINT)
     dirpath: Optional[str] = None  # default: <run dir>/checkpoints
+    keep_last_n: Optional[int] = None  # keep the newest N step-*.ckpt files (null: keep all)
 
     def __post_init__(self):
         _need(self.every_n_steps >= 0, f"checkpoint.every_n_steps must be >= 0, got {self.every_n_steps}")
@@ -141,18 +184,24 @@ class MetricsNode:
     context_sweep: Any = None  # txl-eval: null | auto | [eval_mem_len, ...] (auto: 0, tgt/2, tgt, 2tgt, ...)
     sweep_max: Optional[int] = None  # auto: largest memory (default max(4 tgt_len, 2 mem_len))
     threshold: float = 0.01  # effective context: the next context must gain this relative perplexity
+    attention_maps: bool = False  # PNG heat maps of one segment's attention (txl/metrics/attention_maps.py)
+    attention_maps_segment: int = 1  # ... of this segment of the stream (0: the first, without memory)
+    final_sweep: Any = None  # txl-train: context sweep on the test split at the end (null: off; auto | list)
+    final_sweep_tokens: int = 65536  # ... on its first N tokens (0: all)
 
     def __post_init__(self):
-        for k in ("position_buckets", "nomem_batches", "attention_batches"):
+        for k in ("position_buckets", "nomem_batches", "attention_batches", "attention_maps_segment"):
             _need(getattr(self, k) >= 0, f"metrics.{k} must be >= 0, got {getattr(self, k)}")
         _need(self.attention_rows >= 1, f"metrics.attention_rows must be >= 1, got {self.attention_rows}")
         _need(0 < self.threshold < 1, f"metrics.threshold must be in (0, 1), got {self.threshold}")
         _need(self.sweep_max is None or self.sweep_max >= 1, f"metrics.sweep_max must be >= 1, got {self.sweep_max}")
-        cs = self.context_sweep
-        if cs is not None and cs != "auto":
-            from txl.metrics.recl import parse_contexts
-            self.context_sweep = parse_contexts(list(cs) if not isinstance(cs, str) else cs,
-                                                where="metrics.context_sweep ('auto' or a list of eval_mem_len >= 0)")
+        _need(self.final_sweep_tokens >= 0, f"metrics.final_sweep_tokens must be >= 0, got {self.final_sweep_tokens}")
+        for k in ("context_sweep", "final_sweep"):
+            cs = getattr(self, k)
+            if cs is not None and cs != "auto":
+                from txl.metrics.recl import parse_contexts
+                setattr(self, k, parse_contexts(list(cs) if not isinstance(cs, str) else cs,
+                                                where=f"metrics.{k} ('auto' or a list of eval_mem_len >= 0)"))
 
 
 def _unresolved_model() -> TXLConfig:
@@ -160,6 +209,10 @@ def _unresolved_model() -> TXLConfig:
     d_embed (= d_model) or tie_projs (one per cluster) before the size and cutoffs are chosen."""
     m = TXLConfig()
     m.d_embed, m.tie_projs = None, None
+    # ---- the vocabulary is the data's (txl/budget.py) ---------------------------------------
+    # vocab_size: the tokenizer's, filled in by txl-train; cutoffs left unset (None) are chosen
+    # from the vocabulary (word-level: the paper's, scaled), given ones are checked against it.
+    m.vocab_size, m.cutoffs = None, None
     return m
 
 
@@ -176,6 +229,8 @@ class TrainSchema:
     seed: int = 1234
     ckpt_path: Optional[str] = None
     run_dir: Optional[str] = None  # default: Hydra's output dir
+    # ---- process (txl/runtime.py) ----
+    threads: Optional[int] = None  # CPU threads; None: OMP_NUM_THREADS if set, else the usable cores (affinity)
 
 
 @dataclass
@@ -202,10 +257,15 @@ class EvalNode:
 
 @dataclass
 class EvalSeqNode:
-    """Overrides of the checkpoint's evaluation lengths (None: keep the checkpoint's)."""
+    """Overrides of the checkpoint's evaluation settings (None: keep the checkpoint's).
+
+    clamp_len / same_length: the names before eval_clamp_len / eval_same_length, accepted as
+    aliases for one release."""
 
     eval_tgt_len: Optional[int] = None
     eval_mem_len: Optional[int] = None
+    eval_clamp_len: Optional[int] = None
+    eval_same_length: Optional[bool] = None
     clamp_len: Optional[int] = None
     same_length: Optional[bool] = None
 
@@ -213,6 +273,11 @@ class EvalSeqNode:
         _need(self.eval_tgt_len is None or self.eval_tgt_len > 0, f"seq.eval_tgt_len must be > 0, got {self.eval_tgt_len}")
         _need(self.eval_mem_len is None or self.eval_mem_len >= 0,
               f"seq.eval_mem_len must be >= 0, got {self.eval_mem_len}")
+        for new, old in (("eval_clamp_len", "clamp_len"), ("eval_same_length", "same_length")):
+            a, b = getattr(self, new), getattr(self, old)
+            _need(a is None or b is None or a == b, f"seq.{old} is the old name of seq.{new}: give one, not both")
+            if a is None:
+                setattr(self, new, b)
 
 
 @dataclass
@@ -223,6 +288,8 @@ class EvalSchema:
     eval: EvalNode = field(default_factory=EvalNode)
     metrics: MetricsNode = field(default_factory=MetricsNode)
     seed: int = 1234
+    # ---- process (txl/runtime.py) ----
+    threads: Optional[int] = None  # CPU threads; None: OMP_NUM_THREADS if set, else the usable cores (affinity)
 
 
 def register() -> None:
@@ -234,3 +301,34 @@ def register() -> None:
 def to_objects(cfg: DictConfig) -> Any:
     """Resolve interpolations and build the dataclasses (runs every __post_init__ check)."""
     return OmegaConf.to_object(cfg)
+
+
+# ---- cross-field and range checks the node classes above do not make (run by the CLIs right
+#      after to_objects, before any work; one line each, naming the setting) ----------------------
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def validate_train(c: "TrainSchema", cuda_available: Optional[bool] = None) -> None:
+    t, o = c.trainer, c.optim
+    _need(isinstance(t.accumulate_grad_batches, int) and t.accumulate_grad_batches >= 1,
+          f"trainer.accumulate_grad_batches must be an integer >= 1, got {t.accumulate_grad_batches}")
+    _need(t.gradient_clip_val is None or (_finite(t.gradient_clip_val) and t.gradient_clip_val >= 0),
+          f"trainer.gradient_clip_val must be a finite number >= 0 (0: off), got {t.gradient_clip_val}")
+    _need(_finite(o.lr) and o.lr > 0, f"optim.lr must be a finite number > 0, got {o.lr}")
+    _need(len(o.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in o.betas),
+          f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
+    _need(_finite(o.weight_decay) and o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _need(_finite(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1,
+          f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    k = c.checkpoint.keep_last_n
+    _need(k is None or k >= 1, f"checkpoint.keep_last_n must be >= 1 or null (keep all), got {k}")
+    if str(t.precision).startswith("16"):
+        on_cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and cuda_available is False)
+        _need(not on_cpu, f"trainer.precision={t.precision} needs a GPU (on CPU, Lightning would silently "
+                          "use bf16); use trainer.precision=bf16-mixed or 32-true")
+
+
+def validate_eval(c: "EvalSchema") -> None:
+    m = c.eval.max_tokens
+    _need(m is None or m >= 2, f"eval.max_tokens must be >= 2 (or null: the whole text), got {m}")

@@ -233,8 +233,7 @@ class _SafePickle:  # what torch.load wants as `pickle_module`
         return _SafeUnpickler(f, **kwargs).load()
 
 
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+from txl.files import first_line as _first_line  # noqa: E402
 
 
 def _safe_torch_load(path: Path) -> Any:

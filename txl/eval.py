@@ -1,7 +1,7 @@
 """txl-eval: perplexity of a checkpoint on a long text, with the paper's evaluation lengths.
 
     txl-eval ckpt_path=run/checkpoints/last.ckpt                       # the checkpoint's test split
-    txl-eval ckpt_path=wt103.pt eval.text_file=book.txt seq.eval_mem_len=1600 seq.clamp_len=1000
+    txl-eval ckpt_path=wt103.pt eval.text_file=book.txt seq.eval_mem_len=1600 seq.eval_clamp_len=1000
 
 Prints one JSON line {"tokens","loss","ppl","bpc","tgt_len","mem_len",...,"metrics"} and writes eval.json
 (metrics: loss by position / available context and attention statistics, txl/metrics).
@@ -13,10 +13,7 @@ Prints one JSON line {"tokens","loss","ppl","bpc","tgt_len","mem_len",...,"metri
 from __future__ import annotations
 
 import json
-import math
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -25,59 +22,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from txl.cli import CONF_DIR, error_line, exit_code, fail
 from txl.config import register, to_objects
-from txl.model import IGNORE
-from txl.train import CONF_DIR, precheck_run_dir
-
-LN2 = math.log(2.0)
-
-
-def fail(msg: str, code: int = 2) -> None:
-    print(f"txl-eval: error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-@torch.inference_mode()
-def evaluate_tokens(model, tokens: np.ndarray, tgt_len: int, mem_len: int, batch_size: int = 1,
-                    warmup_tokens: int = 0, precision: str = "32", progress: bool = False,
-                    hooks: Optional[list] = None, projected_mems: bool = True) -> dict:
-    """Score `tokens` as batch_size ordered streams, tgt_len at a time, memory carried.
-
-    The first `warmup_tokens` of every stream only fill the memory (not scored). The model's
-    other lengths (clamp_len, same_length) are left as set. projected_mems: memories as keys / values
-    (txl.model.KVMemory; same result, faster). Returns loss (nats/token) and counts.
-    """
-    from txl.data.stream import OrderedStream
-    model.eval()
-    if len(tokens) < 2:
-        raise ValueError(f"eval text: {len(tokens)} token(s); at least 2 are needed to score one")
-    tgt_len = max(1, min(tgt_len, (len(tokens) - 1) // batch_size))  # a short text is one short segment
-    model.set_lengths(tgt_len=tgt_len, mem_len=mem_len)
-    stream = OrderedStream(tokens, batch_size, tgt_len, name="eval text")
-    dev = next(model.parameters()).device
-    nll_sum, n_tok, mems = 0.0, 0, None
-    t0 = time.perf_counter()
-    it = stream
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(stream, total=len(stream), desc="eval", unit="seg", file=sys.stderr, leave=False)
-    for batch in it:
-        ids, labels = batch["input_ids"].to(dev), batch["labels"].to(dev)
-        if warmup_tokens:
-            col = batch["pos"] * tgt_len + torch.arange(ids.size(1), device=dev)
-            labels = labels.masked_fill(col[None, :] < warmup_tokens, IGNORE)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            mems_in = mems if mems is not None else model.init_mems(ids.size(0), projected=projected_mems)
-            out = model(ids, mems=mems_in, labels=labels)
-        mems = out.mems
-        nll_sum += float(out.nll.double().sum())
-        n_tok += int((labels != IGNORE).sum())
-        for h in hooks or []:
-            h.update(model, {**batch, "labels": labels}, out, mems_in)
-    dt = time.perf_counter() - t0
-    loss = nll_sum / max(n_tok, 1)
-    return {"tokens": n_tok, "loss": loss, "tgt_len": tgt_len, "ppl": math.exp(min(loss, 700)), "seconds": round(dt, 3),
-            "tokens_per_s": round(stream.batch_size * stream.n_step / max(dt, 1e-9), 1)}
+from txl.evaluate import LN2, evaluate_tokens  # noqa: F401  (the loop lives in the library)
+from txl.files import atomic_write_text
 
 
 def sweep_contexts(mcfg, tgt_len: int, mem_len: int) -> Optional[list]:
@@ -104,7 +52,7 @@ def run_sweep(c, model, tokens, tgt_len: int, mem_len: int, same: bool, contexts
     print(sweep_table(full["contexts"], full["loss"], unit), file=sys.stderr)
     print(f"effective context (relative ppl gain < {e['threshold']:g} per step): "
           f"{e['ecl']}{'+' if e['saturated'] else ''}", file=sys.stderr, flush=True)
-    (out_dir / "context_sweep.json").write_text(json.dumps(full, indent=2) + "\n")
+    atomic_write_text(out_dir / "context_sweep.json", json.dumps(full, indent=2) + "\n")
     if c.metrics.plots:
         plot_sweep({"model": (full["contexts"], full["loss"])}, out_dir / "context_sweep.png", {"model": e["ecl"]},
                    title=f"context sweep (tgt_len {tgt_len})")
@@ -112,18 +60,12 @@ def run_sweep(c, model, tokens, tgt_len: int, mem_len: int, same: bool, contexts
             "ecl_saturated": e["saturated"], "file": str(out_dir / "context_sweep.json")}
 
 
-def load_text_tokens(path: str, tok) -> np.ndarray:
-    from txl.data import DataError
+def load_text_tokens(path: str, tok, max_tokens=None) -> np.ndarray:
+    from txl.data import DataError, read_text_tokens
     p = Path(path)
     if not p.is_file():
         raise DataError(f"eval.text_file: file not found: {p}")
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise DataError(f"eval.text_file: cannot read {p} ({e.strerror})") from None
-    if not raw.strip():
-        raise DataError(f"eval.text_file: {p} is empty")
-    ids = tok.encode_bytes(raw, where=f"eval.text_file {p}")
+    ids = read_text_tokens(p, tok, max_tokens, where="eval.text_file")  # streamed: stops at max_tokens
     special = [i for i in (getattr(tok, "unk_id", None), getattr(tok, "eos_id", None)) if i is not None]
     if special and not bool(np.isin(ids, special, invert=True).any()):
         raise DataError(f"eval.text_file: {p} has no token known to the checkpoint's vocabulary")
@@ -139,30 +81,53 @@ def run(cfg: DictConfig) -> dict:
     from txl.data import CorpusConfig, load_corpus, tokenizer_from_state
     from txl.metrics import build_metrics, summarize
     from txl.metrics.context import TokenLosses
-    from txl.metrics.hooks import draw
+    from txl.metrics.hooks import draw, draw_metrics
+
+    from txl.cli import check_writable
+    from txl.config import validate_eval
+    from txl.data import DataError
 
     c = to_objects(cfg)
+    validate_eval(c)
+    path = Path(c.eval.output or Path(c.run_dir or ".") / "eval.json")
+    try:  # before any work: an unwritable eval.output must not cost a whole evaluation
+        check_writable(path.parent)
+    except ValueError as e:
+        raise ValueError(f"eval.output: {e}") from None
     torch.set_flush_denormal(True)  # denormal attention probabilities slow CPU GEMMs up to ~40x
     model, tok_state, ck = load_model(c.ckpt_path, map_location=c.eval.device)
     saved = ck.get("txl", {}).get("seq") or {}
     ms = model.cfg.seq
     tgt = c.seq.eval_tgt_len or saved.get("eval_tgt_len") or ms.tgt_len
-    mem = c.seq.eval_mem_len if c.seq.eval_mem_len is not None else saved.get("eval_mem_len", ms.mem_len)
-    clamp = c.seq.clamp_len if c.seq.clamp_len is not None else ms.clamp_len
-    same = c.seq.same_length if c.seq.same_length is not None else ms.same_length
+    if c.seq.eval_mem_len is not None:
+        mem = c.seq.eval_mem_len
+    elif "eval_mem_len" in saved and tgt == saved.get("eval_tgt_len"):
+        mem = saved["eval_mem_len"]
+    else:  # the original's rule from the training lengths (txl.config.default_eval_mem_len)
+        from txl.config import default_eval_mem_len
+        mem = default_eval_mem_len(saved.get("tgt_len", ms.tgt_len), saved.get("mem_len", ms.mem_len), tgt)
+    # the run's evaluation settings (seq.eval_*); a checkpoint from before them: the model's own
+    clamp = c.seq.eval_clamp_len if c.seq.eval_clamp_len is not None else saved.get("eval_clamp_len", ms.clamp_len)
+    same = c.seq.eval_same_length if c.seq.eval_same_length is not None else saved.get("eval_same_length", ms.same_length)
     model.set_lengths(tgt_len=tgt, mem_len=mem, clamp_len=clamp, same_length=same, ext_len=0)
     if tok_state is None:  # e.g. txl-convert --original without --vocab
         raise ValueError(f"ckpt_path: {c.ckpt_path} carries no vocabulary, so no text can be tokenized for it "
                          f"(txl-convert --vocab adds the original's)")
     tok = tokenizer_from_state(tok_state) if tok_state is not None else None
     if c.eval.text_file:
-        tokens, source = load_text_tokens(c.eval.text_file, tok), c.eval.text_file
+        try:
+            tokens, source = load_text_tokens(c.eval.text_file, tok, c.eval.max_tokens), c.eval.text_file
+        except DataError as e:  # the data layer's advice names training settings: say what eval can do
+            msg = str(e).split("; use data.tokenizer=")[0]
+            if msg == str(e):
+                raise
+            raise DataError(f"{msg}; this checkpoint's {tok.kind} tokenizer reads UTF-8 text only "
+                            "(a model trained with data.tokenizer=byte reads any file)") from None
     else:
         data = ck.get("txl", {}).get("data")
         if not data:
             raise ValueError("eval.text_file: this checkpoint has no data config of its own; pass eval.text_file=PATH")
-        fields = CorpusConfig.__dataclass_fields__
-        corpus = load_corpus(CorpusConfig(**{k: v for k, v in data.items() if k in fields}))
+        corpus = load_corpus(CorpusConfig.from_dict(data, strict=False))
         tokens, source = corpus.split(c.eval.split), f"{corpus.name}:{c.eval.split}"
     if c.eval.max_tokens:
         tokens = tokens[: c.eval.max_tokens]
@@ -174,39 +139,47 @@ def run(cfg: DictConfig) -> dict:
                           progress=sys.stderr.isatty(), hooks=metrics + ([tok_losses] if tok_losses else []),
                           projected_mems=c.eval.mems == "projected")
     unit = getattr(tok, "unit", None) if tok is not None else None
+    bits = round(res["loss"] / LN2, 6) if unit else None  # bits per byte (bpb) or per char (bpc)
     out = {"tokens": res["tokens"], "loss": round(res["loss"], 6), "ppl": round(res["ppl"], 4),
-           "bpc": round(res["loss"] / LN2, 6) if unit else None, "unit": unit,
+           **({"bpb": bits} if unit == "byte" else {}),
+           "bpc": bits, "unit": unit,  # byte corpora: "bpc" = bpb, an alias kept for one release
            "tgt_len": res["tgt_len"], "mem_len": mem, "clamp_len": clamp, "same_length": same,
            "batch_size": c.eval.batch_size, "warmup_tokens": c.eval.warmup_tokens,
            "tokens_per_s": res["tokens_per_s"], "seconds": res["seconds"],
            "ckpt": str(c.ckpt_path), "text": source}
-    path = Path(c.eval.output or Path(c.run_dir or ".") / "eval.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
     if metrics:
         out["metrics"] = summarize(metrics, model, next(model.parameters()).device)
         if c.metrics.plots:
             draw([{"step": "eval", **out["metrics"]}], path.parent, "eval")
+        draw_metrics(metrics, path.parent, "eval")  # metrics.attention_maps: eval_attention_*.png
     if sweep_ctx:  # the same text once per memory length: ppl table, effective context length
         out["context_sweep"] = run_sweep(c, model, tokens, res["tgt_len"], mem, same, sweep_ctx, tok_losses, unit,
                                          path.parent)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(out, indent=2) + "\n")
     print(json.dumps(out), flush=True)
     return out
 
 
 def _task(cfg: DictConfig) -> None:
-    from txl.checkpoint import CheckpointError
+    from txl.cli import require_ckpt_path
+    from txl.runtime import quiet_third_party, setup_threads
+    require_ckpt_path(cfg)
     try:
+        quiet_third_party()
+        setup_threads(cfg.threads)
         run(cfg)
-    except (ValueError, CheckpointError, OSError) as e:
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        fail("interrupted; nothing written", code=130)
+    except (ValueError, OSError) as e:  # CheckpointError, DataError are ValueErrors
+        fail(error_line(e), code=exit_code(e))
 
 
 def main() -> None:
+    from txl.cli import precheck_run_dir, register_resolvers, set_tool
+    set_tool("txl-eval")
     register()
-    precheck_run_dir(sys.argv[1:], "txl-eval")
+    register_resolvers()
+    precheck_run_dir(sys.argv[1:])
     hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")(_task)()
 
 

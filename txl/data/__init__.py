@@ -1,22 +1,19 @@
-"""Data layer: tokenizers, corpora (with an on-disk token cache) and ordered segment streams.
+"""Data layer: tokenizers, corpora (streamed into a verified on-disk token cache) and ordered
+segment streams.
 
-Importing this package is cheap (numpy only); torch / Lightning / datasets are pulled in lazily
-by the names that need them (`OrderedStream`, `TXLDataModule`, the `hf` source).
+Modules, each importing only those listed before it (no circle; tests/test_data_imports.py):
+errors, hub, recall, config, cache, reader, tokenizers, hf, sources, build, corpus, stream,
+datamodule. Importing this package is cheap (numpy only); torch / Lightning / datasets / pyarrow
+are pulled in lazily by the names that need them.
 """
-
-
-class DataError(ValueError):
-    """A user-facing data problem (bad path, bad encoding, corpus too short, hub offline, ...).
-
-    The message is one line naming the cause, e.g. "data.train: file not found: /x/y.txt".
-    """
-
-
-from txl.data.tokenizers import (  # noqa: E402  (DataError must exist before submodules import it)
+from txl.data.errors import DataError
+from txl.data.config import CorpusConfig
+from txl.data.tokenizers import (
     Tokenizer, ByteTokenizer, CharTokenizer, WordTokenizer, HFTokenizer,
     build_tokenizer, tokenizer_from_state,
 )
-from txl.data.corpus import Corpus, CorpusConfig, load_corpus  # noqa: E402
+from txl.data.corpus import Corpus, load_corpus
+from txl.data.reader import read_text_tokens
 
 _LAZY = {"OrderedStream": "txl.data.stream", "TXLDataModule": "txl.data.datamodule"}
 
@@ -31,5 +28,5 @@ def __getattr__(name):  # PEP 562: keep `import txl.data` free of torch / Lightn
 __all__ = [
     "DataError", "Tokenizer", "ByteTokenizer", "CharTokenizer", "WordTokenizer", "HFTokenizer",
     "build_tokenizer", "tokenizer_from_state", "Corpus", "CorpusConfig", "load_corpus",
-    "OrderedStream", "TXLDataModule",
+    "read_text_tokens", "OrderedStream", "TXLDataModule",
 ]

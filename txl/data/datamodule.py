@@ -10,8 +10,9 @@ from typing import Any, Dict, Mapping, Optional, Union
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
-from txl.data import DataError
-from txl.data.corpus import Corpus, CorpusConfig, load_corpus
+from txl.data.config import CorpusConfig
+from txl.data.corpus import Corpus, load_corpus
+from txl.data.errors import DataError
 from txl.data.stream import OrderedStream
 from txl.data.tokenizers import Tokenizer
 
@@ -21,7 +22,7 @@ class TXLDataModule(pl.LightningDataModule):
                  ext_len: int = 0, eval_tgt_len: Optional[int] = None,
                  eval_batch_size: Optional[int] = None, eval_ext_len: Optional[int] = None):
         super().__init__()
-        self.cfg = corpus if isinstance(corpus, CorpusConfig) else CorpusConfig.from_dict(corpus)
+        self.cfg = corpus if isinstance(corpus, CorpusConfig) else CorpusConfig.from_dict(corpus)  # the one builder
         self.batch_size, self.tgt_len, self.ext_len = int(batch_size), int(tgt_len), int(ext_len)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.eval_tgt_len = int(eval_tgt_len or tgt_len)
@@ -30,17 +31,6 @@ class TXLDataModule(pl.LightningDataModule):
         self.train_stream: Optional[OrderedStream] = None
         self._pending: Optional[Dict[str, int]] = None   # position to apply to the next train stream
         self._authoritative = False                      # set_train_position beats load_state_dict
-
-    @classmethod
-    def from_config(cls, data: Mapping[str, Any], tgt_len: int, ext_len: int = 0,
-                    eval_tgt_len: Optional[int] = None,
-                    eval_ext_len: Optional[int] = None) -> "TXLDataModule":
-        """From a `data:` config group = CorpusConfig fields + batch_size (+ eval_batch_size)."""
-        d = dict(data)
-        if "batch_size" not in d:
-            raise DataError("data.batch_size: missing (the global train batch size)")
-        bs, ebs = d.pop("batch_size"), d.pop("eval_batch_size", None)
-        return cls(CorpusConfig.from_dict(d), bs, tgt_len, ext_len, eval_tgt_len, ebs, eval_ext_len)
 
     # ------------------------------------------------------------------ corpus
     def load(self) -> Corpus:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from txl.data import DataError
+from txl.data.errors import DataError
 from txl.model import IGNORE as IGNORE_INDEX
 
 
@@ -71,11 +71,6 @@ class OrderedStream(IterableDataset):
 
     def __len__(self) -> int:
         return self.n_seg
-
-    @property
-    def tokens_per_epoch(self) -> int:
-        """Target tokens per epoch on this rank (ext positions excluded)."""
-        return self.batch_size * self.n_step
 
     def segment(self, pos: int, epoch: int = 0) -> Dict[str, Any]:
         if not 0 <= pos < self.n_seg:

@@ -7,15 +7,17 @@ can travel inside a model checkpoint. char/word vocabularies are built from the 
 from __future__ import annotations
 
 import os
-from array import array
 from collections import Counter
-from typing import Any, Dict, List, Optional, Sequence, Union
+from operator import itemgetter
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
-from txl.data import DataError
+from txl.data.config import TOKENIZER_KINDS as KINDS
+from txl.data.errors import DataError
 
 UNK, EOS = "<unk>", "<eos>"
+HF_CHUNK_CHARS = 1 << 20  # hf: characters per encode_batch item (whole lines); part of its ids
 
 
 def decode_utf8(raw: bytes, where: str) -> str:
@@ -47,6 +49,11 @@ class Tokenizer:
     def encode_bytes(self, raw: bytes, where: str = "text") -> np.ndarray:
         """Encode raw file content. Text tokenizers demand UTF-8; ByteTokenizer takes any bytes."""
         return self.encode(decode_utf8(raw, where))
+
+    def encode_chunk(self, text: str, final: bool = True) -> np.ndarray:
+        """Encode one piece of a longer text cut after a newline (streaming): the concatenation of
+        the pieces' ids equals encode(whole text). final: this piece ends the text."""
+        return self.encode(text)
 
     def decode(self, ids) -> str:
         raise NotImplementedError
@@ -119,10 +126,18 @@ class CharTokenizer(Tokenizer):
         return {"kind": self.kind, "chars": self.itos[1:]}
 
 
+class _WithDefault(dict):
+    default = 0
+
+    def __missing__(self, key):
+        return self.default
+
+
 class WordTokenizer(Tokenizer):
     """WikiText style: whitespace split per line, <eos> appended to every line (empty lines too).
 
     ids: <unk>=0, <eos>=1, then train tokens by frequency desc, ties by token (deterministic).
+    `rank_words` is the ordering; txl.data.build counts a corpus in parallel and uses the same.
     A literal '<unk>' in the text (WikiText has them) maps to the unk id.
     """
     kind, unit = "word", None
@@ -132,13 +147,15 @@ class WordTokenizer(Tokenizer):
         # WT103 one, put <eos> and <unk> elsewhere); otherwise <unk>=0, <eos>=1, then `words`.
         self.itos: List[str] = list(itos) if itos is not None else \
             [UNK, EOS] + [w for w in words if w not in (UNK, EOS)]
-        self.stoi: Dict[str, int] = {w: i for i, w in enumerate(self.itos)}
+        # word -> id; a missing word looks up as unk_id (__missing__), so encode maps in C
+        self.stoi: Dict[str, int] = _WithDefault(zip(self.itos, range(len(self.itos))))
         if len(self.stoi) != len(self.itos):
             raise DataError("word tokenizer: duplicate tokens in vocabulary")
-        if UNK not in self.stoi or EOS not in self.stoi:
+        if UNK not in self.stoi or EOS not in self.stoi:  # (`in` does not call __missing__)
             raise DataError(f"word tokenizer: the vocabulary needs both {UNK} and {EOS}")
         self.unk_id, self.eos_id, self.lower = self.stoi[UNK], self.stoi[EOS], bool(lower)
         self._standard = itos is None
+        self.stoi.default = self.unk_id
 
     @classmethod
     def from_text(cls, text: str, min_freq: int = 0, max_size: Optional[int] = None,
@@ -146,29 +163,29 @@ class WordTokenizer(Tokenizer):
         if lower:
             text = text.lower()
         counts = Counter(text.split())  # whole-text split == per-line split for counting words
-        counts.pop(UNK, None), counts.pop(EOS, None)
-        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-        words = [w for w, c in ranked if c >= min_freq]
-        if max_size is not None:  # like transformer-xl's Vocab, max_size counts the specials too
-            words = words[:max(0, max_size - 2)]
-        return cls(words, lower=lower)
+        return cls(rank_words(counts, min_freq, max_size), lower=lower)
 
     @property
     def vocab_size(self) -> int:
         return len(self.itos)
 
     def encode(self, text: str) -> np.ndarray:
+        return self.encode_chunk(text, final=True)
+
+    def encode_chunk(self, text: str, final: bool = True) -> np.ndarray:
+        # Per line: its words, then <eos>; a trailing newline ends the last line. Each newline
+        # becomes a literal <eos> word, so one split + one C-level map does a whole chunk (same
+        # ids as splitting per line: "\n" is whitespace to str.split, and a literal "<eos>" in the
+        # text already meant <eos>). A chunk cut mid-line (final=False) gets no closing <eos>.
         if self.lower:
             text = text.lower()
-        lines = text.split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()  # a trailing newline ends the last line, it does not start a new one
-        get, unk, eos = self.stoi.get, self.unk_id, self.eos_id
-        out = array("i")  # int32 buffer: ~4 bytes/token instead of a list of Python ints
-        for line in lines:
-            out.extend([get(w, unk) for w in line.split()])
-            out.append(eos)
-        return np.frombuffer(out, dtype=np.int32).copy() if len(out) else np.zeros(0, np.int32)
+        words = text.replace("\n", f" {EOS} ").split() if "\n" in text else text.split()
+        close = final and bool(text) and not text.endswith("\n")
+        ids = np.empty(len(words) + close, dtype=np.int32)
+        ids[:len(words)] = np.fromiter(map(self.stoi.__getitem__, words), dtype=np.int32, count=len(words))
+        if close:
+            ids[-1] = self.eos_id
+        return ids
 
     def decode(self, ids) -> str:
         out, line = [], []
@@ -184,6 +201,16 @@ class WordTokenizer(Tokenizer):
         if self._standard:
             return {"kind": self.kind, "words": self.itos[2:], "lower": self.lower}
         return {"kind": self.kind, "idx2sym": list(self.itos), "lower": self.lower}
+
+
+def rank_words(counts: Dict[str, int], min_freq: int = 0, max_size: Optional[int] = None) -> List[str]:
+    """Vocabulary order: frequency descending, ties by the token itself; specials excluded."""
+    ranked = sorted(kv for kv in counts.items() if kv[0] not in (UNK, EOS))  # by token (keys are unique)
+    ranked.sort(key=itemgetter(1), reverse=True)  # then by count, descending; stable: ties keep token order
+    words = [w for w, c in ranked if c >= min_freq]
+    if max_size is not None:  # like transformer-xl's Vocab, max_size counts the specials too
+        words = words[:max(0, max_size - 2)]
+    return words
 
 
 class HFTokenizer(Tokenizer):
@@ -204,7 +231,7 @@ class HFTokenizer(Tokenizer):
             return cls(Backend.from_file(path), name)
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
             return cls(Backend.from_file(os.path.join(path, "tokenizer.json")), name)
-        from txl.data.sources import hub_offline_reason, in_local_hf_cache
+        from txl.data.hub import hub_offline_reason, in_local_hf_cache
         reason = hub_offline_reason()  # fail fast, before the slow transformers import
         if reason and not in_local_hf_cache(name, "models"):
             raise DataError(f"data.hf_tokenizer: cannot fetch '{name}' from the Hugging Face hub "
@@ -227,30 +254,43 @@ class HFTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, chunk_chars: int = 1 << 20) -> np.ndarray:
-        # encode ~1 MB chunks cut at line ends: bounded memory, parallel encode_batch;
-        # merges can only differ from a single-shot encode at those (rare) chunk boundaries
-        chunks, cur, size = [], [], 0
-        for line in text.splitlines(keepends=True):
-            cur.append(line)
-            size += len(line)
-            if size >= chunk_chars:
-                chunks.append("".join(cur))
-                cur, size = [], 0
+    def encode(self, text: str, chunk_chars: Optional[int] = None) -> np.ndarray:
+        ids = list(self.encode_stream([text], chunk_chars))
+        return np.concatenate(ids) if ids else np.zeros(0, np.int32)
+
+    def encode_stream(self, texts: Iterable[str], chunk_chars: Optional[int] = None,
+                      batch: int = 8) -> Iterator[np.ndarray]:
+        """ids of the concatenated `texts` (each cut after a newline), chunk by chunk.
+
+        Encodes ~1 MB chunks cut at line ends (bounded memory, parallel encode_batch); merges can
+        only differ from a single-shot encode at those (rare) chunk boundaries, which depend on the
+        text alone, never on how it was read."""
+        chunk_chars = chunk_chars or HF_CHUNK_CHARS
+        chunks: List[str] = []
+        cur, size = [], 0
+        for text in texts:
+            for line in text.splitlines(keepends=True):
+                cur.append(line)
+                size += len(line)
+                if size >= chunk_chars:
+                    chunks.append("".join(cur))
+                    cur, size = [], 0
+                    if len(chunks) >= batch:
+                        yield from self._encode_batch(chunks)
+                        chunks = []
         if cur:
             chunks.append("".join(cur))
-        encs = self.backend.encode_batch(chunks, add_special_tokens=False) if chunks else []
-        ids = [np.asarray(e.ids, dtype=np.int32) for e in encs]
-        return np.concatenate(ids) if ids else np.zeros(0, np.int32)
+        yield from self._encode_batch(chunks)
+
+    def _encode_batch(self, chunks: List[str]) -> Iterator[np.ndarray]:
+        for e in (self.backend.encode_batch(chunks, add_special_tokens=False) if chunks else []):
+            yield np.asarray(e.ids, dtype=np.int32)
 
     def decode(self, ids) -> str:
         return self.backend.decode(_ids_list(ids), skip_special_tokens=False)
 
     def state_dict(self) -> Dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "tokenizer_json": self.backend.to_str()}
-
-
-KINDS = ("byte", "char", "word", "hf")
 
 
 def build_tokenizer(kind: str, train_text: Union[str, bytes, None] = None, **opts) -> Tokenizer:

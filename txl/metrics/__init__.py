@@ -3,6 +3,7 @@
   base.py             the Metric protocol (update per batch, sum-reducible state, summary)
   position.py         loss by position in the segment and by available context (log2 buckets)
   attention_stats.py  per layer / head: mean attended distance, attention mass on the memory
+  attention_maps.py   heat maps of one segment's attention over [memory | segment], distance profile
   synthetic.py        recall accuracy vs distance on the synthetic_recall corpus
   context.py          context sweep (several eval_mem_len on the same text), per-token losses
   recl.py             ECL of a model, RECL of a model group (Dai et al. 2019 appendix C)

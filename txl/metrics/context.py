@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from txl.evaluate import evaluate_tokens  # the one evaluation loop (library, not the eval CLI)
 from txl.metrics.base import IGNORE
 from txl.metrics.recl import ecl
 
@@ -44,7 +45,6 @@ def sweep(model, tokens, tgt_len: int, contexts: Sequence[int], batch_size: int 
     """Score `tokens` once per memory length in `contexts` -> {'contexts', 'loss', 'tokens',
     'token_losses' [n_contexts, n_tokens]}. reuse: {mem_len: per-token losses} already measured.
     same_length is switched off for mem_len 0 (it needs a memory to equalise)."""
-    from txl.eval import evaluate_tokens
     from dataclasses import asdict
     rows, losses = [], []
     saved = asdict(model.seq)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from txl.metrics import plots
+from txl.metrics.attention_maps import AttentionMaps
 from txl.metrics.attention_stats import AttentionStats
 from txl.metrics.base import Metric
 from txl.metrics.position import LossByContext, LossByPosition
@@ -35,7 +36,18 @@ def build_metrics(cfg: Any, source: Optional[str] = None, options: Optional[dict
         out.append(AttentionStats(cfg.attention_batches, cfg.attention_rows))
     if cfg.recall and source == "synthetic_recall" and tokenizer is not None:
         out.append(RecallAccuracy(marker_ids(tokenizer, options or {})))
+    if getattr(cfg, "attention_maps", False):
+        out.append(AttentionMaps(tokenizer, cfg.attention_maps_segment))
     return out
+
+
+def draw_metrics(metrics: List[Metric], out_dir: Path, prefix: str) -> Dict[str, str]:
+    """PNGs the metrics draw themselves from what they captured (attention maps) -> {name: path}."""
+    paths: Dict[str, str] = {}
+    for m in metrics:
+        if hasattr(m, "draw"):
+            paths.update(m.draw(out_dir, prefix))
+    return paths
 
 
 def build_val_hooks(cfg: Any, data: Any = None, tokenizer=None) -> list:
@@ -138,6 +150,7 @@ class ValMetrics:
         with open(hist, "a") as f:
             f.write(json.dumps(record) + "\n")
         images = draw(read_jsonl(hist), out_dir, prefix, self.chance) if self.plots else {}
+        images.update(draw_metrics(self.metrics, out_dir, prefix))  # attention maps: -> wandb images too
         from pytorch_lightning.loggers import WandbLogger
         if isinstance(logger, WandbLogger):
             payload = wandb_payload(record, prefix, images)

@@ -2,20 +2,17 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 from matplotlib.figure import Figure
 
+from txl.files import atomic_write
+
 
 def _save(fig: Figure, path) -> str:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)  # a reader (wandb, a browser) never sees half a file
-    return str(path)
+    # a reader (wandb, a browser) never sees half a file
+    return str(atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"), fsync=False))
 
 
 def _centers(edges: Sequence[Sequence[int]]) -> List[float]:
@@ -26,7 +23,8 @@ def plot_position(records: Sequence[dict], path, title: str = "loss by position 
     """records: [{'step', 'position': LossByPosition summary}], oldest first: one line per
     validation (later = darker). With a no-memory sample, a second panel shows its gap on the
     same tokens: (loss without memory) - (loss with memory), the context fragmentation."""
-    recs = [r for r in records if r.get("position", {}).get("edges")]
+    recs = [r for r in records if r.get("position", {}).get("edges")  # a record with no scored bucket has no line
+            and any(y is not None for y in r["position"]["loss"])]
     if not recs:
         return None
     last = recs[-1]["position"]

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import BACKEND_CAPS, AlibiTerm, RelativeTerm, additive_attention, get_backend, get_pattern
+from .attention import (BACKEND_CAPS, AlibiTerm, RelativeTerm, additive_attention, get_backend, get_pattern,
+                        mixed_attention)
 from .compressive import CompressedRelativeTerm
 from .config import TXLConfig
 from .memory import HiddenMemory
@@ -43,10 +44,12 @@ class MultiHeadAttention(nn.Module):
             if cfg.untie_r:  # content bias u and position bias v, per layer
                 self.u = nn.Parameter(torch.zeros(N, H))
                 self.v = nn.Parameter(torch.zeros(N, H))
-        if cfg.attn.score == "additive":  # Bahdanau: w . tanh(W_q q + W_k k), per head
-            self.score_q = nn.Parameter(torch.zeros(N, H, H))
-            self.score_k = nn.Parameter(torch.zeros(N, H, H))
-            self.score_w = nn.Parameter(torch.zeros(N, H))
+        if cfg.attn.score in ("additive", "mixed"):  # Bahdanau: w . tanh(W_q q + W_k k), per additive head
+            A = N if cfg.attn.score == "additive" else cfg.attn.n_additive_heads
+            self.score_q = nn.Parameter(torch.zeros(A, H, H))
+            self.score_k = nn.Parameter(torch.zeros(A, H, H))
+            self.score_w = nn.Parameter(torch.zeros(A, H))
+        self.pattern_state = get_pattern(cfg.attn).init_state(N, H)  # None, or buffers (routing centroids)
 
     def project_kv(self, h: torch.Tensor) -> torch.Tensor:
         """Keys / values of layer inputs h (B, L, D) -> (B, L, 2NH): what a KVMemory keeps."""
@@ -66,7 +69,7 @@ class MultiHeadAttention(nn.Module):
         cpos: compressive.CompressedPositions when the first cpos.n_slots memory rows are compressed
         slots (their distances are not one per key column; pos_emb then covers the other keys)."""
         cfg = self.cfg
-        pattern = get_pattern(cfg.attn)
+        pattern = get_pattern(cfg.attn).bind(self.pattern_state)
         B, T, D = x.shape
         C = 0 if cpos is None else cpos.n_slots
         M = mem.size(1) - C  # below: memory rows besides the compressed slots
@@ -122,6 +125,9 @@ class MultiHeadAttention(nn.Module):
         if a.score == "additive":  # dense only (registry.check)
             o, prob = additive_attention(q, k, val, pos, blocked, self.scale, self.score_q, self.score_k,
                                          self.score_w, cfg.dropatt, self.training, need_weights)
+        elif a.score == "mixed":  # additive heads, then dot heads (dense rel_ref only)
+            o, prob = mixed_attention(q, k, val, pos, blocked, self.scale, self.score_q, self.score_k, self.score_w,
+                                      a.n_additive_heads, cfg.dropatt, self.training, need_weights)
         else:
             o, prob = pattern.run(get_backend(a.backend), q, k, val, pos, blocked, self.scale, cfg.dropatt,
                                   self.training, need_weights, BACKEND_CAPS[a.backend]["native_mask"])

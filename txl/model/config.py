@@ -59,8 +59,11 @@ class AttnConfig:
     n_global: int = 0  # global blocks (first blocks of the key axis)
     n_random: int = 0  # random blocks per query block
     topk: int = 0  # keys kept per query (dynamic pattern)
-    seed: int = 0  # random pattern seed
+    seed: int = 0  # random pattern seed (bigbird's blocks, routing's initial centroids)
+    n_clusters: int = 0  # routing: k-means centroids per head
+    ema_decay: float = 0.999  # routing: centroid <- decay * centroid + (1 - decay) * assigned mean
     score: str = "dot"
+    n_additive_heads: int = 0  # score='mixed': heads 0 .. n-1 score additively, the others by dot product
 
     def __post_init__(self):
         for f in fields(self):
@@ -68,6 +71,10 @@ class AttnConfig:
             if f.type == "int":
                 _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                       f"attention.{f.name} must be an integer >= 0, got {v!r}")
+        _need(isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0,
+              f"attention.ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        _need(self.score == "mixed" or not self.n_additive_heads,
+              f"attention.n_additive_heads is for score='mixed', got score={self.score!r}")
         registry.check(self)
 
     def validate(self, kind: str) -> "AttnConfig":
@@ -110,7 +117,7 @@ class MemoryConfig:
 
 @dataclass
 class TXLConfig:
-    vocab_size: int = 256
+    vocab_size: Optional[int] = 256  # None: not known yet (txl-train fills in the tokenizer's size)
     n_layer: int = 2
     d_model: int = 32
     n_head: int = 2
@@ -123,7 +130,7 @@ class TXLConfig:
     untie_r: bool = True
     kind: str = "relative"  # position kind: changes parameters
     mem_init: str = "empty"  # first-segment memory: none (original code) or mem_len zeros (TF / HF)
-    cutoffs: list = field(default_factory=list)
+    cutoffs: Optional[list] = field(default_factory=list)  # None: not chosen yet (txl-train: txl.budget)
     div_val: int = 1
     tie_weight: bool = True
     tie_projs: Optional[list] = None  # per cluster; None: [False] + [True] * len(cutoffs) (WT103 setting)
@@ -142,29 +149,34 @@ class TXLConfig:
             self.seq = SeqConfig(**self.seq)
         if isinstance(self.attn, dict):
             self.attn = AttnConfig(**self.attn)
-        self.cutoffs = [int(c) for c in self.cutoffs]
+        self.cutoffs = None if self.cutoffs is None else [int(c) for c in self.cutoffs]
         if self.d_embed is None:
             self.d_embed = self.d_model
         for name in ("vocab_size", "n_layer", "d_model", "n_head", "d_head", "d_inner", "d_embed", "div_val"):
             v = getattr(self, name)
-            _need(isinstance(v, int) and v > 0, f"{name} must be an integer > 0, got {v!r}")
+            _need((v is None and name == "vocab_size") or (isinstance(v, int) and v > 0),
+                  f"{name} must be an integer > 0, got {v!r}")
         for name in ("dropout", "dropatt"):
             v = getattr(self, name)
             _need(0.0 <= v < 1.0, f"{name} must be in [0, 1), got {v!r}")
         _need(self.kind in POSITION_KINDS, f"kind must be one of {list(POSITION_KINDS)}, got {self.kind!r}")
         _need(self.mem_init in MEM_INITS, f"mem_init must be one of {list(MEM_INITS)}, got {self.mem_init!r}")
-        c = self.cutoffs
-        _need(all(a < b for a, b in zip([0] + c, c + [self.vocab_size])),
+        # vocab_size / cutoffs None: the data decides later (txl.budget.resolve_model re-validates)
+        c = self.cutoffs if self.cutoffs is not None else []
+        top = [self.vocab_size] if self.vocab_size is not None else []
+        _need(all(a < b for a, b in zip([0] + c, c + top)),
               f"cutoffs must be strictly increasing within (0, vocab_size={self.vocab_size}), got {c}")
-        if self.tie_projs is None:
+        if self.tie_projs is None and self.cutoffs is not None:
             self.tie_projs = [False] + [True] * len(c)
-        _need(len(self.tie_projs) == len(c) + 1,
-              f"tie_projs needs one flag per cluster ({len(c) + 1}), got {len(self.tie_projs)}")
+        _need(self.tie_projs is None or self.cutoffs is None or len(self.tie_projs) == len(c) + 1,
+              f"tie_projs needs one flag per cluster ({len(c) + 1}), got {len(self.tie_projs or [])}")
         if self.div_val > 1:
             _need(self.d_embed // self.div_val ** len(c) > 0,
                   f"div_val={self.div_val} with {len(c)} cutoffs shrinks d_embed={self.d_embed} to 0")
         if self.kind in ("rotary",):
             _need(self.d_head % 2 == 0, f"kind=rotary needs an even d_head, got {self.d_head}")
+        _need(self.attn.n_additive_heads <= self.n_head,
+              f"attention.n_additive_heads must be <= n_head={self.n_head}, got {self.attn.n_additive_heads}")
         self.attn.validate(self.kind)  # backend x kind combinations fail here, i.e. at compose time
         if self.memory.compressive:  # compressed slots get their own distances (centre of their span):
             # only the relative term knows distances; a pattern would have to place the slots

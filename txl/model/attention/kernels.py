@@ -48,7 +48,7 @@ def attend(score, v, blocked, dropatt=0.0, training=False, need_weights=False, t
     return torch.matmul(prob_d, v), (prob if need_weights else None)
 
 
-@register_backend("rel_ref", scores=("dot", "additive"))
+@register_backend("rel_ref", scores=("dot", "additive", "mixed"))
 def rel_ref(q, k, v, pos: Optional[PositionTerm], blocked, scale: float, dropatt: float = 0.0,
             training: bool = False, need_weights: bool = False, topk: int = 0):
     """Readable reference: matmul scores AC + BD (rel_shift), scale, mask, softmax. The ground truth.
@@ -149,4 +149,27 @@ def additive_attention(q, k, v, pos: Optional[PositionTerm], blocked, scale: flo
     score = additive_scores(q, k, w_q, w_k, w)
     if pos is not None:
         score = score + pos.dense() * scale
+    return attend(score, v, blocked, dropatt, training, need_weights)
+
+
+def mixed_attention(q, k, v, pos: Optional[PositionTerm], blocked, scale: float, w_q, w_k, w, n_additive: int,
+                    dropatt: float = 0.0, training: bool = False, need_weights: bool = False):
+    """Mixed compatibility: heads 0 .. A-1 (A = n_additive = w_q.size(0)) score additively, exactly as
+    additive_attention, the other N - A heads by the scaled dot product, exactly as rel_ref; each
+    head keeps its position term. w_q, w_k (A, H, H), w (A, H).
+
+    Why fixed additive / dot heads and not a learned per-head gate g * additive + (1 - g) * dot: the
+    additive term is the expensive one (a (B, A, T, K, H) tanh tensor); with a gate every head pays
+    for it at any g, while here only the A additive heads do, so memory and time scale with A / N.
+    A sigmoid gate also never reaches its limits 0 / 1, whereas A = 0 and A = N are exactly the
+    dot and the additive scorers (tests/test_mixed_score.py), and no new parameter or schedule is
+    needed: the output projection already learns how much each head contributes.
+    """
+    A = n_additive
+    dot = torch.matmul(q[:, A:], k[:, A:].transpose(-1, -2))  # (B, N-A, T, K): AC of the dot heads
+    add = additive_scores(q[:, :A], k[:, :A], w_q, w_k, w)  # (B, A, T, K), unscaled as in Bahdanau
+    if pos is not None:
+        bd = pos.dense()  # (B|1, N, T, K)
+        dot, add = dot + bd[:, A:], add + bd[:, :A] * scale
+    score = torch.cat([add, dot * scale], dim=1)  # (B, N, T, K)
     return attend(score, v, blocked, dropatt, training, need_weights)

@@ -11,6 +11,9 @@ the backend; the metrics ask it for its `mask`.
                 per query block, drawn from `seed`
   topk          the `topk` highest-scoring causal keys of each query (dynamic: needs a backend
                 with the `dynamic` capability)
+  routing       content-based (Roy et al. 2020): the causal keys routed to the query's k-means
+                cluster, plus the local `window`; the centroids are buffers updated by EMA
+                (dynamic: the mask is per example and head)
 
 Coordinates as in masks.py: query i at window position M + i, key j at j. Key blocks are anchored at
 the segment start (key block of j: floor((j - M) / block_size), so memory blocks have negative
@@ -28,6 +31,8 @@ O(T * (n_prev + 1) * block_size) for `block_sparse`: independent of the memory l
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from .masks import distance
 from .registry import register_pattern
@@ -81,6 +86,15 @@ class Pattern:
     def visible_from(self, T: int, M: int) -> int:
         """First window position any query may see (keys before it need no projection)."""
         return 0
+
+    def init_state(self, n_head: int, d_head: int):
+        """None, or an nn.Module of buffers the pattern keeps across calls (the layer owns it, so it
+        lives in the state_dict / checkpoint and follows .to(device)). Called once per layer."""
+        return None
+
+    def bind(self, state) -> "Pattern":
+        """This pattern reading the layer's state (what init_state made). Patterns without one ignore it."""
+        return self
 
     def run(self, kernel, q, k, v, pos, blocked, scale: float, dropatt: float = 0.0, training: bool = False,
             need_weights: bool = False, native_mask: bool = False):
@@ -240,3 +254,85 @@ class TopK(Pattern):
     def run(self, kernel, q, k, v, pos, blocked, scale, dropatt=0.0, training=False, need_weights=False,
             native_mask=False):
         return kernel(q, k, v, pos, blocked, scale, dropatt, training, need_weights, topk=self.a.topk)
+
+
+class Centroids(nn.Module):
+    """Routing's k-means centroids: (N, C, H) unit vectors per head, a buffer (never a parameter: no
+    gradient reaches it, the EMA moves it; saved in the state_dict, hence in every checkpoint).
+    Initialised from torch.Generator(seed), so the same config gives the same start."""
+
+    def __init__(self, n_head: int, n_clusters: int, d_head: int, decay: float, seed: int):
+        super().__init__()
+        self.decay = decay
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("centroids", F.normalize(torch.randn(n_head, n_clusters, d_head, generator=g), dim=-1))
+
+    def assign(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N, L, H) -> (B, N, L) long: the nearest centroid of each unit-normalised vector
+        (largest cosine, as the paper's spherical k-means)."""
+        x = F.normalize(x.detach().float(), dim=-1)
+        return torch.matmul(x, self.centroids.float().transpose(-1, -2).unsqueeze(0)).argmax(-1)
+
+    @torch.no_grad()
+    def update(self, xs: list, cs: list) -> None:
+        """One EMA step: centroid c <- decay * c + (1 - decay) * mean of the (normalised) queries and
+        keys assigned to c in this batch, renormalised; a centroid nothing was assigned to stays.
+        xs: [(B, N, L, H)], cs: their assignments [(B, N, L)]. (The paper adds the two sums; the
+        mean keeps the step size independent of batch and segment length.) Under DDP every rank
+        moves its copy and the broadcast of buffers at the next forward keeps rank 0's."""
+        C = self.centroids.size(1)
+        x = torch.cat([F.normalize(t.detach().float(), dim=-1) for t in xs], dim=2)  # (B, N, L, H)
+        hot = F.one_hot(torch.cat(cs, dim=2), C).float()  # (B, N, L, C)
+        sums = torch.einsum("bnlc,bnlh->nch", hot, x)
+        count = hot.sum((0, 2)).unsqueeze(-1)  # (N, C, 1)
+        c = self.centroids.float()
+        moved = F.normalize(self.decay * c + (1 - self.decay) * sums / count.clamp(min=1), dim=-1)
+        self.centroids.copy_(torch.where(count > 0, moved, c).to(self.centroids.dtype))
+
+
+@register_pattern
+class Routing(Pattern):
+    """Routing attention (Roy et al. 2020): query i sees key j (j causal) when both are routed to
+    the same centroid of the head, or when j is among the `window` most recent keys (the paper pairs
+    routing with local attention; the window also guarantees every query sees itself). Queries (with
+    the content bias u, as the backend receives them) and keys of [memory + segment] are assigned by
+    cosine to n_clusters centroids per head; in training (and only there) the centroids then move
+    by an EMA of what was assigned to them (Centroids.update, decay ema_decay), never by gradient.
+
+    The routing mask is (B, N, T, K): applied by a backend with the `dynamic` capability as a dense
+    mask (exact, cost of dense attention; what it buys is which keys are read, not speed here).
+    n_clusters=1 sees every causal key: dense attention exactly."""
+
+    name = "routing"
+    requires = ("n_clusters", "window")
+    dynamic = True
+
+    def __init__(self, a):
+        super().__init__(a)
+        self.state = None
+
+    def init_state(self, n_head, d_head):
+        return Centroids(n_head, self.a.n_clusters, d_head, self.a.ema_decay, self.a.seed)
+
+    def bind(self, state):
+        self.state = state
+        return self
+
+    def routed(self, q: torch.Tensor, k: torch.Tensor):
+        """(B, N, T, K) bool, True where query and key share a centroid; and the two assignments."""
+        cq, ck = self.state.assign(q), self.state.assign(k)
+        return cq.unsqueeze(-1) == ck.unsqueeze(-2), cq, ck
+
+    def run(self, kernel, q, k, v, pos, blocked, scale, dropatt=0.0, training=False, need_weights=False,
+            native_mask=False):
+        if self.state is None:
+            raise ValueError("the routing pattern needs its centroids: build it through the attention layer")
+        T, K = q.size(-2), k.size(-2)
+        M = K - T
+        i = torch.arange(T, device=q.device)[:, None]
+        near = distance(i, torch.arange(K, device=q.device)[None, :], M) < self.a.window  # (T, K)
+        same, cq, ck = self.routed(q, k)
+        out = kernel(q, k, v, pos, blocked | ~(same | near), scale, dropatt, training, need_weights)
+        if training:  # after the forward used the old centroids: every query of the step saw the same ones
+            self.state.update([q, k], [cq, ck])
+        return out

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Callable, Optional
 
 POSITION_KINDS = ("relative", "absolute", "rotary", "alibi")  # TXLConfig.kind; positions.py
-SCORES = ("dot", "additive")
+SCORES = ("dot", "additive", "mixed")  # mixed: additive heads and dot heads (kernels.mixed_attention)
 
 # A backend: (q, k, v, pos, blocked, scale, dropatt, training, need_weights) -> (out, probs or None)
 # q (B, N, T, H) already holds the content bias u; k, v (B, N, K, H); blocked (T, K) or (B, 1, T, K).
@@ -94,9 +94,9 @@ def check(a, kind: Optional[str] = None) -> None:
         ok = sorted(b for b, c in BACKEND_CAPS.items() if value in c[field + "s"])
         _need(value in caps[field + "s"], f"attention.{field}={value!r} is not supported by backend "
                                           f"{a.backend!r}; backends that support it: {ok}")
-    if a.score == "additive":  # O(T*K*H) tanh features: only the dense reference computes it
+    if a.score in ("additive", "mixed"):  # O(T*K*H) tanh features: only the dense reference computes it
         full = [n for n, p in PATTERNS.items() if p.full]
-        _need(pat.full, f"attention.score='additive' needs pattern={full[0]!r}, got {a.pattern!r}")
+        _need(pat.full, f"attention.score={a.score!r} needs pattern={full[0]!r}, got {a.pattern!r}")
     if kind is not None:
         _need(kind in caps["kinds"], f"attention backend {a.backend!r} does not support kind={kind!r}; "
                                      f"supported kinds: {list(caps['kinds'])}")
