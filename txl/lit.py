@@ -21,7 +21,7 @@ import torch
 from pytorch_lightning.utilities import grad_norm
 
 from txl.evaluate import LN2, SegmentScorer, mean_nll
-from txl.model import TransformerXL, TXLConfig
+from txl.model import CompressiveMemory, TransformerXL, TXLConfig
 from txl.rng import rng_state, set_rng_state  # noqa: F401  (CPU + CUDA states)
 from txl.schedule import lr_lambda  # noqa: F401  (re-exported: txl.lit.lr_lambda)
 
@@ -97,6 +97,8 @@ class TXLModule(pl.LightningModule):
         if batch["reset"] or self.train_mems is None:
             self.train_mems = self.model.init_mems(ids.size(0))
         if self.batch_chunk > 1:
+            if self.model.compressor is not None:
+                raise ValueError("data.batch_chunk > 1 is not supported with memory=compressive (use batch_chunk=1)")
             if ids.size(0) % self.batch_chunk:
                 raise ValueError(f"data.batch_chunk ({self.batch_chunk}) must divide the per-process batch "
                                  f"({ids.size(0)} rows)")
@@ -110,6 +112,10 @@ class TXLModule(pl.LightningModule):
             out = self.model(ids, mems=self.train_mems, labels=labels)
             self.train_mems = out.mems
             loss = mean = out.loss
+            if out.aux_loss is not None:  # memory=compressive: the compression's own objective (no gradient
+                # reaches the main model through it); train_loss below stays the language-model loss
+                self.log("train_recon", out.recon_loss.detach(), on_step=True, on_epoch=False, batch_size=ids.size(0))
+                loss = loss + out.aux_loss
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at step {self.global_step + 1}")
         self.next_pos = {"epoch": int(batch["epoch"]), "pos": int(batch["pos"]) + 1}
@@ -230,6 +236,7 @@ class TXLModule(pl.LightningModule):
             "model_config": self.model.cfg.to_dict(),
             "mems": [m.detach().cpu() for m in mems] if mems is not None else None,
             "mems_world": self.trainer.world_size,
+            "mems_n_cmem": getattr(self.train_mems, "n_cmem", None),  # compressed slots in front (compressive)
             "stream": dict(self.next_pos),
             "rng": rng_state(),
             "unit": self.unit,
@@ -249,6 +256,8 @@ class TXLModule(pl.LightningModule):
             if world > 1:
                 mems = [m[self.trainer.global_rank] for m in mems]
             self.train_mems = [m.to(self.device) for m in mems]
+            if t.get("mems_n_cmem") is not None:  # the first n_cmem rows are compressed slots
+                self.train_mems = CompressiveMemory(self.train_mems, t["mems_n_cmem"])
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None:
             dm.set_train_position(**self.next_pos)

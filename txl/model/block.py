@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .attention import (BACKEND_CAPS, AlibiTerm, RelativeTerm, additive_attention, get_backend, get_pattern,
                         mixed_attention)
+from .compressive import CompressedRelativeTerm
 from .config import TXLConfig
 from .memory import HiddenMemory
 from .positions import alibi_slopes, rotate
@@ -63,14 +64,17 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor, mem: torch.Tensor, blocked: torch.Tensor,
                 pos_emb: Optional[torch.Tensor] = None, u: Optional[torch.Tensor] = None,
                 v: Optional[torch.Tensor] = None, need_weights: bool = False,
-                keys_values=HiddenMemory.keys_values):
-        """-> (y (B, T, D), attention probs or None, what the memory keeps of this segment (B, T, X))."""
+                keys_values=HiddenMemory.keys_values, cpos=None):
+        """-> (y (B, T, D), attention probs or None, what the memory keeps of this segment (B, T, X)).
+        cpos: compressive.CompressedPositions when the first cpos.n_slots memory rows are compressed
+        slots (their distances are not one per key column; pos_emb then covers the other keys)."""
         cfg = self.cfg
         pattern = get_pattern(cfg.attn).bind(self.pattern_state)
         B, T, D = x.shape
-        M = mem.size(1)
+        C = 0 if cpos is None else cpos.n_slots
+        M = mem.size(1) - C  # below: memory rows besides the compressed slots
         N, H = cfg.n_head, cfg.d_head
-        lo = 0 if need_weights else pattern.visible_from(T, M)  # keys before lo: invisible to every query
+        lo = 0 if need_weights or C else pattern.visible_from(T, M)  # keys before lo: invisible to every query
         if lo:
             mem, blocked, M = mem[:, lo:], blocked[..., lo:], M - lo
         if pos_emb is not None:  # rows are distances ... 1, 0: keep the last K (callers may pass only those)
@@ -83,6 +87,10 @@ class MultiHeadAttention(nn.Module):
             pe = torch.cat([pos_emb, pos_emb.new_zeros(1, D)])  # (K+1, D)
             r_t = torch.matmul(self.r_proj.weight, pe.t()).view(N, H, M + T + 1)
             r = (r_t[..., : M + T].transpose(1, 2), r_t)  # (N, K, H) view, (N, H, K+1)
+            if C:  # the slots' distances, (N, E, H), and which one each (query, slot) pair has
+                rc = F.linear(cpos.emb, self.r_proj.weight).view(-1, N, H).transpose(0, 1)
+                r = r + (rc, cpos.index)
+        M = M + C
         step = max(1, self.chunk_elems // (N * T * (M + T)))
         if (step < B and not need_weights and not torch.is_grad_enabled()
                 and (blocked.dim() == 2 or blocked.size(0) == 1)):
@@ -106,6 +114,8 @@ class MultiHeadAttention(nn.Module):
         if cfg.kind == "relative":
             u, v = (self.u, self.v) if cfg.untie_r else (u, v)
             pos = RelativeTerm(q + v[:, None].to(q.dtype), r[0], r_t=r[1])
+            if len(r) > 2:  # compressed slots in front: CompressedRelativeTerm adds their columns
+                pos = CompressedRelativeTerm(pos, pos.q_pos, r[2].to(q.dtype), r[3])
             q = q + u[:, None].to(q.dtype)
         elif cfg.kind == "rotary":  # memory keys keep their window positions, queries continue after
             win = torch.arange(lo, lo + M + T, device=x.device)
@@ -148,6 +158,6 @@ class Block(nn.Module):
         self.ff = PositionwiseFF(cfg)
 
     def forward(self, x, mem, blocked, pos_emb=None, u=None, v=None, need_weights=False,
-                keys_values=HiddenMemory.keys_values):
-        y, prob, new = self.attn(x, mem, blocked, pos_emb, u, v, need_weights, keys_values)
+                keys_values=HiddenMemory.keys_values, cpos=None):
+        y, prob, new = self.attn(x, mem, blocked, pos_emb, u, v, need_weights, keys_values, cpos)
         return self.ff(y), prob, new

@@ -9,6 +9,8 @@ from .attention.patterns import Dense
 from .attention.registry import POSITION_KINDS
 
 MEM_INITS = ("empty", "zeros")
+MEMORY_KINDS = ("hidden", "compressive")
+COMPRESSION_FNS = ("mean", "max", "conv")  # txl/model/compressive.py COMPRESSIONS
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -82,6 +84,38 @@ class AttnConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """What the model remembers between segments (memory.py). hidden: the last mem_len layer inputs
+    (Transformer-XL). compressive (Rae et al. 2019): rows leaving the mem_len window are compressed
+    by `compression_rate` (c rows -> 1 slot, `compression_fn`) into up to `cmem_len` slots; attention
+    reads [compressed memory; memory; segment]. recon_loss_weight scales the attention-reconstruction
+    loss that alone trains the compression (conv); 0 turns it off."""
+
+    kind: str = "hidden"
+    cmem_len: int = 0
+    compression_rate: int = 3
+    compression_fn: str = "conv"
+    recon_loss_weight: float = 1.0
+
+    def __post_init__(self):
+        _need(self.kind in MEMORY_KINDS, f"memory.kind must be one of {list(MEMORY_KINDS)}, got {self.kind!r}")
+        _need(self.compression_fn in COMPRESSION_FNS,
+              f"memory.compression_fn must be one of {list(COMPRESSION_FNS)}, got {self.compression_fn!r}")
+        for name in ("cmem_len", "compression_rate"):
+            v = getattr(self, name)
+            _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                  f"memory.{name} must be an integer >= 0, got {v!r}")
+        _need(self.compression_rate >= 1, f"memory.compression_rate must be >= 1, got {self.compression_rate}")
+        _need(self.recon_loss_weight >= 0, f"memory.recon_loss_weight must be >= 0, got {self.recon_loss_weight}")
+        if self.kind == "compressive":
+            _need(self.cmem_len >= 1, f"memory=compressive needs memory.cmem_len >= 1, got {self.cmem_len}")
+
+    @property
+    def compressive(self) -> bool:
+        return self.kind == "compressive"
+
+
+@dataclass
 class TXLConfig:
     vocab_size: Optional[int] = 256  # None: not known yet (txl-train fills in the tokenizer's size)
     n_layer: int = 2
@@ -104,8 +138,13 @@ class TXLConfig:
     proj_init_std: float = 0.01
     seq: SeqConfig = field(default_factory=SeqConfig)
     attn: AttnConfig = field(default_factory=AttnConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def __post_init__(self):
+        if isinstance(self.memory, str):  # model.memory=compressive: that kind with its defaults
+            self.memory = MemoryConfig(kind=self.memory)
+        elif isinstance(self.memory, dict):
+            self.memory = MemoryConfig(**self.memory)
         if isinstance(self.seq, dict):
             self.seq = SeqConfig(**self.seq)
         if isinstance(self.attn, dict):
@@ -139,6 +178,11 @@ class TXLConfig:
         _need(self.attn.n_additive_heads <= self.n_head,
               f"attention.n_additive_heads must be <= n_head={self.n_head}, got {self.attn.n_additive_heads}")
         self.attn.validate(self.kind)  # backend x kind combinations fail here, i.e. at compose time
+        if self.memory.compressive:  # compressed slots get their own distances (centre of their span):
+            # only the relative term knows distances; a pattern would have to place the slots
+            _need(self.kind == "relative", f"memory=compressive needs kind='relative', got {self.kind!r}")
+            _need(self.attn.pattern == Dense.name,
+                  f"memory=compressive needs attention.pattern='dense', got {self.attn.pattern!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

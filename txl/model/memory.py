@@ -1,13 +1,16 @@
 """Segment-level recurrence: the memory, one (B, M, X) tensor per layer, detached (stop-gradient,
 Dai et al. 2019 eq. 1). Never updated in place: update() returns a new memory.
 
-Two kinds, chosen once (TransformerXL.init_mems) and carried by the object from then on:
+Three kinds, chosen once (TransformerXL.init_mems) and carried by the object from then on:
   HiddenMemory  each layer's *inputs* for the last M positions, X = D. What training needs (the loss
                 wants W_k, W_v's gradient on the memory rows); a plain list of tensors is read as this.
   KVMemory      each layer's keys / values, X = 2NH, for inference only: keys and values of a memory
                 position never change once computed (relative positions enter through R, not through
                 the keys), so a layer projects only its T new rows instead of all M + T each segment.
                 Costs 2NH / D times the memory of hidden states (2x in the usual N*H = D).
+  CompressiveMemory  hidden states, the first n_cmem rows of each layer's tensor being compressed
+                slots (Rae et al. 2019): rows that leave the mem_len window are pooled c -> 1 into at
+                most cmem_len slots instead of being dropped (compressive.py makes the slots).
 Each attention layer gets its memory tensor and the memory's keys_values: the memory, not the layer,
 decides how its rows become keys / values and what it keeps of the new segment.
 """
@@ -73,8 +76,12 @@ class Memory(Sequence):
         """(X, its name) for a model config."""
         raise NotImplementedError
 
+    def map(self, fn) -> "Memory":
+        """The same kind of memory with fn applied to every layer's tensor (e.g. a row slice)."""
+        return type(self)(fn(m) for m in self.layers)
+
     def detach(self) -> "Memory":
-        return type(self)(m.detach() for m in self.layers)
+        return self.map(torch.Tensor.detach)
 
     def update(self, new: list[torch.Tensor], mem_len: int, ext_len: int = 0) -> "Memory":
         """new: per layer what keys_values returned for this segment, (B, T, X)."""
@@ -104,7 +111,11 @@ class Memory(Sequence):
     def from_state_dict(d: dict, device=None) -> "Memory":
         if d.get("kind") not in MEMORIES:
             raise ValueError(f"memory kind must be one of {sorted(MEMORIES)}, got {d.get('kind')!r}")
-        return MEMORIES[d["kind"]](m.to(device) for m in d["layers"])
+        return MEMORIES[d["kind"]]._load(d, [m.to(device) for m in d["layers"]])
+
+    @classmethod
+    def _load(cls, d: dict, layers: list) -> "Memory":
+        return cls(layers)
 
 
 class HiddenMemory(Memory):
@@ -153,7 +164,57 @@ class KVMemory(Memory):
         return self
 
 
-MEMORIES = {c.kind: c for c in (HiddenMemory, KVMemory)}
+class CompressiveMemory(HiddenMemory):
+    """Hidden states laid out [compressed slots (n_cmem); memory rows] per layer, (B, n_cmem + M, D):
+    attention reads the tensor as one memory; only positions (TransformerXL) tell the two apart.
+    Rows leave the memory c at a time (a compressed slot stands for c rows): evicted rows that do
+    not yet fill a span of c stay in front of the memory, so M is mem_len + (0 .. c - 1)."""
+
+    kind = "compressive"
+
+    def __init__(self, layers: Iterable[torch.Tensor] = (), n_cmem: int = 0):
+        super().__init__(layers)
+        self.n_cmem = n_cmem
+
+    def map(self, fn):
+        return CompressiveMemory((fn(m) for m in self.layers), self.n_cmem)
+
+    def split(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(compressed slots (B, n_cmem, D), memory rows (B, M, D)) of one layer."""
+        m = self.layers[layer]
+        return m[:, :self.n_cmem], m[:, self.n_cmem:]
+
+    def __repr__(self):
+        return f"CompressiveMemory(n_cmem={self.n_cmem}, {[tuple(m.shape) for m in self.layers]})"
+
+    def update(self, new, mem_len, ext_len=0):
+        raise ValueError("a CompressiveMemory is updated by the model's compressor (compressive.py)")
+
+    def projected(self, blocks):
+        raise ValueError("a compressive memory cannot be kept as keys / values (its slots are compressed "
+                         "hidden states); evaluate with eval.mems=hidden")
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "n_cmem": self.n_cmem}
+
+    @classmethod
+    def _load(cls, d, layers):
+        return cls(layers, int(d["n_cmem"]))
+
+
+@torch.no_grad()
+def evict_rows(mem: torch.Tensor, h: torch.Tensor, mem_len: int, ext_len: int, rate: int):
+    """One layer's memory rows (B, M, D) + segment (B, T, D) -> (kept (B, M', D), to compress
+    (B, n * rate, D)): the rows beyond the last mem_len of [memory + segment] (minus the trailing
+    ext_len, as update_mems) leave in whole spans of `rate`, oldest first; the rest stay."""
+    T = h.size(1)
+    full = torch.cat([mem.to(h.dtype), h[:, :max(0, T - ext_len)]], dim=1)
+    n_out = max(0, full.size(1) - mem_len)
+    n_c = n_out // rate * rate
+    return full[:, n_c:].detach(), full[:, :n_c].detach()
+
+
+MEMORIES = {c.kind: c for c in (HiddenMemory, KVMemory, CompressiveMemory)}
 
 
 def as_memory(mems) -> Memory:

@@ -17,8 +17,9 @@ import torch.nn as nn
 from .adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax, tie_adaptive
 from .attention import causal_mask
 from .block import Block
+from .compressive import Compressor
 from .config import SeqConfig, TXLConfig
-from .memory import HiddenMemory, KVMemory, Memory, as_memory
+from .memory import CompressiveMemory, HiddenMemory, KVMemory, Memory, as_memory
 from .positions import relative_distances, sinusoid
 
 IGNORE = -100  # labels of positions that are not scored (the one definition; txl imports it from here)
@@ -32,6 +33,8 @@ class TXLOutput:
     loss: Optional[torch.Tensor] = None  # mean NLL over scored tokens
     log_probs: Optional[torch.Tensor] = None  # (B, T, V) when asked for
     attn: Optional[list] = None  # per layer (B, N, T, K) attention probabilities when asked for
+    recon_loss: Optional[torch.Tensor] = None  # memory=compressive, training: attention-reconstruction loss
+    aux_loss: Optional[torch.Tensor] = None  # what training adds to loss: recon_loss_weight * recon_loss
 
 
 class TransformerXL(nn.Module):
@@ -48,6 +51,7 @@ class TransformerXL(nn.Module):
             self.u = nn.Parameter(torch.zeros(cfg.n_head, cfg.d_head))
             self.v = nn.Parameter(torch.zeros(cfg.n_head, cfg.d_head))
         self.head = AdaptiveLogSoftmax(cfg.vocab_size, cfg.d_embed, D, cfg.cutoffs, cfg.div_val)
+        self.compressor = Compressor(cfg) if cfg.memory.compressive else None
         self.reset_parameters()
         tie_adaptive(self.embed, self.head, cfg.tie_weight, cfg.tie_projs)
 
@@ -65,6 +69,8 @@ class TransformerXL(nn.Module):
                 p.zero_()
             else:
                 p.normal_(0.0, std)
+        if self.compressor is not None:
+            self.compressor.reset_parameters()
 
     # ---- lengths: changeable without touching weights ---------------------------------------
     @property
@@ -80,14 +86,20 @@ class TransformerXL(nn.Module):
 
     def init_mems(self, batch_size: int, projected: bool = False) -> Memory:
         """The first segment's memory, the one place its kind is chosen: hidden states, or with
-        projected=True keys / values (inference only)."""
+        projected=True keys / values (inference only). memory=compressive: a CompressiveMemory, also
+        when projected (its slots are compressed hidden states: no key / value form)."""
         p = next(self.parameters())
+        if self.compressor is not None:
+            return CompressiveMemory.init(self.cfg.n_layer, batch_size, self.cfg.d_model, self.seq.mem_len,
+                                          self.cfg.mem_init, p.device, p.dtype)
         mems = HiddenMemory.init(self.cfg.n_layer, batch_size, self.cfg.d_model, self.seq.mem_len,
                                  self.cfg.mem_init, p.device, p.dtype)
         return self.project_mems(mems) if projected else mems
 
     def project_mems(self, mems) -> KVMemory:
         """A memory (or a list of (B, M, D) hidden states) -> its keys / values (B, M, 2NH) per layer."""
+        if self.compressor is not None:
+            return CompressiveMemory.projected(mems, self.blocks)  # refuses in one line: no key / value form
         return as_memory(mems).projected(self.blocks)
 
     # ---- forward ---------------------------------------------------------------------------
@@ -139,28 +151,41 @@ class TransformerXL(nn.Module):
         # Stop-gradient on the memory (Dai et al. 2019 eq. 1), also for memories handed in that
         # still carry a graph or require grad: no gradient may ever reach them.
         mems = self.init_mems(B) if mems is None else as_memory(mems).detach()
+        if self.compressor is not None and not isinstance(mems, CompressiveMemory):
+            if mems.inference_only:
+                CompressiveMemory.projected(mems, self.blocks)  # keys / values cannot be compressed: refuses
+            mems = CompressiveMemory(mems.layers, 0)  # plain hidden states: no compressed slots yet
         M = mems[0].size(1)
         K = M + T
+        C = getattr(mems, "n_cmem", 0)  # compressed slots in front of the memory (own distances)
         x = self.embed(input_ids)  # (B, T, D)
-        pos_emb = None
+        pos_emb = cpos = None
         if cfg.kind == "relative":
-            pos_emb = self.drop(sinusoid(relative_distances(K, seq.clamp_len, x.device), cfg.d_model).to(x.dtype))
+            pos_emb = self.drop(sinusoid(relative_distances(K - C, seq.clamp_len, x.device), cfg.d_model).to(x.dtype))
+            if C:
+                cpos = self.compressor.positions(T, M - C, C, seq.clamp_len, cfg.d_model, x.device, x.dtype)
+                cpos.emb = self.drop(cpos.emb)
         elif cfg.kind == "absolute":  # positions continue after the memory (window coordinates)
             pos = torch.arange(M, K, device=x.device)
             if seq.clamp_len > 0:
                 pos = pos.clamp(max=seq.clamp_len)
             x = x + sinusoid(pos, cfg.d_model).to(x.dtype)
-        blocked = causal_mask(T, M, seq.same_length, seq.mem_len, x.device)
+        blocked = causal_mask(T, M, seq.same_length, seq.mem_len + C, x.device)
         u, v = (getattr(self, "u", None), getattr(self, "v", None))
         h = self.drop(x)
         new, probs = [], []
         for i, block in enumerate(self.blocks):  # the memory turns its rows into keys / values
-            h, p, keep = block(h, mems[i], blocked, pos_emb, u, v, need_weights, mems.keys_values)
+            h, p, keep = block(h, mems[i], blocked, pos_emb, u, v, need_weights, mems.keys_values, cpos)
             new.append(keep)  # what the next segment's memory keeps: layer input or its keys / values
             probs.append(p)
         h = self.drop(h)
-        out = TXLOutput(mems=mems.update(new, seq.mem_len, seq.ext_len), hidden=h,
-                        attn=probs if need_weights else None)
+        out = TXLOutput(mems=None, hidden=h, attn=probs if need_weights else None)
+        if self.compressor is not None:
+            out.mems, out.recon_loss = self.compressor.update(mems, new, seq.mem_len, seq.ext_len, self.blocks)
+            if out.recon_loss is not None:
+                out.aux_loss = self.compressor.weight * out.recon_loss
+        else:
+            out.mems = mems.update(new, seq.mem_len, seq.ext_len)
         flat = h.reshape(B * T, -1)
         if labels is not None:
             keep = labels != IGNORE
