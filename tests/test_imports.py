@@ -1,4 +1,4 @@
-"""The import graph of txl/model (no circle, only torch + stdlib) and one home per pattern name.
+"""The import graph: no circle in txl (model, data, metrics, CLIs), txl/model imports only torch + stdlib,
 
 Walks the source with ast (every import statement, function-level ones included), so a late
 `from .x import y` inside a function counts as the edge it is."""
@@ -104,3 +104,37 @@ def _string_homes(name: str) -> set[str]:
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 def test_each_pattern_name_lives_in_one_module(name):
     assert _string_homes(name) == {"txl/model/attention/patterns.py"}
+
+
+def _package_graph() -> dict[str, set[str]]:
+    """Like _graph(TXL), but `from pkg import submodule` is an edge to the submodule only: importing a
+    submodule through its package does not need the package's __init__ to have finished."""
+    files = {_modname(p): p for p in TXL.rglob("*.py")}
+    out = {}
+    for m, p in files.items():
+        pkg = m if p.name == "__init__.py" else m.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mod = node.module
+                if node.level:  # relative: from .x import y / from . import y
+                    base = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)]
+                    mod = ".".join(base + ([node.module] if node.module else []))
+                subs = [f"{mod}.{a.name}" for a in node.names]
+                names = [s for s in subs if s in files]
+                if len(names) < len(subs):  # names that are not submodules come from the module itself
+                    names.append(mod)
+            edges.update(n for n in names if n in files and n != m)
+        out[m] = edges
+    return out
+
+
+def test_txl_has_no_import_circle():
+    """The whole package (model, data, metrics, library modules, CLIs): no circle anywhere."""
+    g = _package_graph()
+    assert g["txl.train"] and g["txl.lit"], "the walker sees txl's imports"
+    c = _cycle(g)
+    assert c is None, " -> ".join(c)
