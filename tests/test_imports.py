@@ -1,4 +1,4 @@
-"""The import graph: no circle in txl (model, data, metrics, CLIs), txl/model imports only torch + stdlib,
+"""The import graph (no circle anywhere in txl; txl/model imports only torch + stdlib) and one home per pattern name.
 
 Walks the source with ast (every import statement, function-level ones included), so a late
 `from .x import y` inside a function counts as the edge it is."""
