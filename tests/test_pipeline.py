@@ -119,7 +119,8 @@ def _params(ckpt) -> dict:
 def test_ddp_equals_single_process_and_resumes_exactly(tmp_path, corpus_files, run_cli):
     """2 ranks (gloo) vs 1 process: the same losses, the same gradient norms (a sum instead of a mean
     over ranks doubles them while Adam's scale invariance hides it from the losses), the same
-    parameters; then trainer=ddp ckpt_path=step 4 reproduces the uninterrupted DDP run's steps 4-7."""
+    parameters (dropout 0); then, with dropout, trainer=ddp ckpt_path=step 4 reproduces the
+    uninterrupted DDP run's steps 4-7 exactly."""
     common = ("trainer.max_steps=8", "trainer.val_check_interval=8", "trainer.limit_val_batches=2")
     ddp = ("trainer=ddp", "trainer.devices=2", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=4")
     r1 = run_cli("train", *tiny_train_args(corpus_files, tmp_path / "single", *common))
@@ -138,15 +139,23 @@ def test_ddp_equals_single_process_and_resumes_exactly(tmp_path, corpus_files, r
     assert pa.keys() == pb.keys()
     for k in pa:
         torch.testing.assert_close(pb[k], pa[k], rtol=0, atol=1e-5, msg=k)
-    # resume under DDP: every rank gets its own streams' memories back, losses continue exactly
-    r3 = run_cli("train", *tiny_train_args(corpus_files, tmp_path / "resumed", *common, *ddp,
-                                          f"ckpt_path={tmp_path / 'ddp' / 'checkpoints' / 'step-000004.ckpt'}"),
+    # With dropout, DDP draws other masks than one process (each rank draws for its half of the batch),
+    # so equality with the single process needs dropout 0 (README). What holds with dropout: resume
+    # under DDP (every rank gets its own streams' memories back, the random states continue) equals
+    # the uninterrupted DDP run exactly.
+    drop = ("model.dropout=0.2", "model.dropatt=0.1")
+    r4 = run_cli("train", *tiny_train_args(corpus_files, tmp_path / "ddp_drop", *common, *ddp, *drop), timeout=600)
+    assert r4.returncode == 0, r4.stderr[-3000:]
+    d = read_losses(tmp_path / "ddp_drop")
+    assert any(d[k] != b[k] for k in d), "dropout changed nothing: the test would not see random states"
+    r3 = run_cli("train", *tiny_train_args(corpus_files, tmp_path / "resumed", *common, *ddp, *drop,
+                                          f"ckpt_path={tmp_path / 'ddp_drop' / 'checkpoints' / 'step-000004.ckpt'}"),
                  timeout=600)
     assert r3.returncode == 0, r3.stderr[-3000:]
     c = read_losses(tmp_path / "resumed")
-    assert sorted(c) == list(range(4, 8)) and {k: b[k] for k in c} == c
-    pc = _params(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
-    assert all(torch.equal(pc[k], pb[k]) for k in pb)
+    assert sorted(c) == list(range(4, 8)) and {k: d[k] for k in c} == c
+    pc, pd = _params(tmp_path / "resumed" / "checkpoints" / "last.ckpt"), _params(tmp_path / "ddp_drop" / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(pc[k], pd[k]) for k in pd)
 
 
 def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, corpus_files, cli_env, run_cli):
