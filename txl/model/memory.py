@@ -10,6 +10,12 @@ Two kinds, chosen once (TransformerXL.init_mems) and carried by the object from 
                 Costs 2NH / D times the memory of hidden states (2x in the usual N*H = D).
 Each attention layer gets its memory tensor and the memory's keys_values: the memory, not the layer,
 decides how its rows become keys / values and what it keeps of the new segment.
+
+Storage dtype (`store`, inference): `auto` keeps rows in the dtype they were computed in (fp32, or
+bf16 under autocast); `fp32` / `bf16` cast them when stored; `int8` keeps each row (one position of
+one stream, its X values) as int8 with one fp32 absmax scale per row. Reads give the compute dtype
+back (a layer's rows are upcast when it reads them, one layer at a time), so the compute dtype never
+changes; only the memory held between segments shrinks (bf16 2x, int8 ~4x).
 """
 from __future__ import annotations
 
@@ -45,22 +51,74 @@ def update_mems(hids: list[torch.Tensor], mems: list[torch.Tensor], mem_len: int
             for h, m in zip(hids, mems)]
 
 
+STORES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., X) -> (int8 (..., X), fp32 scale (..., 1)): symmetric absmax per row, so that
+    |dequantize_rows(q, s) - x| <= s / 2 = absmax(row) / 254 elementwise (round to nearest)."""
+    x = x.float()
+    scale = x.abs().amax(-1, keepdim=True) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays exact
+    return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """int8 rows (..., X) and their (..., 1) scales -> (..., X) in dtype (computed in fp32)."""
+    return (q.float() * scale).to(dtype)
+
+
+def check_store(store: str) -> str:
+    if store not in STORES:
+        raise ValueError(f"memory dtype must be one of {sorted(STORES)}, got {store!r}")
+    return store
+
+
 class Memory(Sequence):
-    """Base: a sequence of per-layer (B, M, X) tensors (index it, iterate it, len() = layers)."""
+    """Base: a sequence of per-layer (B, M, X) tensors (index it, iterate it, len() = layers).
+
+    store: the storage dtype (module docstring); layers hold the stored tensors (int8: the codes,
+    `scales` their per-row (B, M, 1) fp32 scales); indexing gives a layer's rows readable by the
+    model (int8 dequantized to fp32; fp32 / bf16 as stored, upcast by keys_values)."""
 
     kind = ""
     inference_only = False
 
-    def __init__(self, layers: Iterable[torch.Tensor] = ()):
+    def __init__(self, layers: Iterable[torch.Tensor] = (), store: str = "auto",
+                 scales: Iterable[torch.Tensor] | None = None):
+        self.store = check_store(store)
         self.layers = list(layers)
+        self.scales = list(scales) if scales is not None else None
+        if store == "int8" and self.scales is None:  # encode rows given in a float dtype
+            coded = [quantize_rows(m) for m in self.layers]
+            self.layers, self.scales = [q for q, _ in coded], [s for _, s in coded]
+        elif STORES[store] is not None and store != "int8":
+            self.layers = [m.to(STORES[store]) for m in self.layers]
 
     @classmethod
     def init(cls, n_layer: int, batch_size: int, width: int, mem_len: int, mode: str, device=None,
-             dtype=None) -> "Memory":
+             dtype=None, store: str = "auto") -> "Memory":
         """The first segment's memory (see init_mems for `mode`)."""
-        return cls(init_mems(n_layer, batch_size, width, mem_len, mode, device, dtype))
+        return cls(init_mems(n_layer, batch_size, width, mem_len, mode, device, dtype), store)
+
+    def stored_as(self, store: str) -> "Memory":
+        """The same rows kept in another storage dtype (int8 re-encodes what it reads)."""
+        if store == self.store:
+            return self
+        return type(self)(self, store)
+
+    def _like(self, layers, scales=None) -> "Memory":
+        return type(self)(layers, self.store, scales)
+
+    def nbytes(self) -> int:
+        """Bytes held by the stored rows (and int8 scales)."""
+        return sum(t.numel() * t.element_size() for t in self.layers + (self.scales or []))
 
     def __getitem__(self, i):
+        if self.scales is not None:
+            if isinstance(i, slice):
+                return [self[j] for j in range(*i.indices(len(self)))]
+            return dequantize_rows(self.layers[i], self.scales[i])
         return self.layers[i]
 
     def __len__(self):
@@ -74,11 +132,18 @@ class Memory(Sequence):
         raise NotImplementedError
 
     def detach(self) -> "Memory":
-        return type(self)(m.detach() for m in self.layers)
+        return self._like([m.detach() for m in self.layers], self.scales)
 
     def update(self, new: list[torch.Tensor], mem_len: int, ext_len: int = 0) -> "Memory":
-        """new: per layer what keys_values returned for this segment, (B, T, X)."""
-        return type(self)(update_mems(new, self.layers, mem_len, ext_len))
+        """new: per layer what keys_values returned for this segment, (B, T, X). Stored rows are
+        never re-encoded: only the segment's new rows are cast / quantized, then concatenated."""
+        if self.store == "int8":
+            coded = [quantize_rows(h.detach()) for h in new]
+            return self._like(update_mems([q for q, _ in coded], self.layers, mem_len, ext_len),
+                              update_mems([s for _, s in coded], self.scales, mem_len, ext_len))
+        if STORES[self.store] is not None:
+            new = [h.detach().to(STORES[self.store]) for h in new]
+        return self._like(update_mems(new, self.layers, mem_len, ext_len))
 
     @staticmethod
     def keys_values(mem: torch.Tensor, x: torch.Tensor, hx: torch.Tensor, w_kv: torch.Tensor,
@@ -98,13 +163,19 @@ class Memory(Sequence):
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "layers": [m.detach().cpu() for m in self.layers]}
+        d = {"kind": self.kind, "layers": [m.detach().cpu() for m in self.layers]}
+        if self.store != "auto":
+            d["store"] = self.store
+        if self.scales is not None:
+            d["scales"] = [s.cpu() for s in self.scales]
+        return d
 
     @staticmethod
     def from_state_dict(d: dict, device=None) -> "Memory":
         if d.get("kind") not in MEMORIES:
             raise ValueError(f"memory kind must be one of {sorted(MEMORIES)}, got {d.get('kind')!r}")
-        return MEMORIES[d["kind"]](m.to(device) for m in d["layers"])
+        scales = [s.to(device) for s in d["scales"]] if d.get("scales") is not None else None
+        return MEMORIES[d["kind"]]([m.to(device) for m in d["layers"]], d.get("store", "auto"), scales)
 
 
 class HiddenMemory(Memory):
@@ -131,7 +202,8 @@ class HiddenMemory(Memory):
 
     @torch.no_grad()
     def projected(self, blocks):
-        return KVMemory(block.attn.project_kv(m) for block, m in zip(blocks, self.layers))
+        return KVMemory([block.attn.project_kv(m.to(block.attn.qkv.weight.dtype))
+                         for block, m in zip(blocks, self)], self.store)
 
 
 class KVMemory(Memory):
@@ -147,7 +219,15 @@ class KVMemory(Memory):
     @staticmethod
     def keys_values(mem, x, hx, w_kv, norm):
         kv_new = F.linear(hx, w_kv)  # (B, T, 2NH): the memory's rows were projected when they were new
-        return (torch.cat([mem.to(kv_new.dtype), kv_new], dim=1) if mem.size(1) else kv_new), kv_new
+        if not mem.size(1):
+            return kv_new, kv_new
+        # [memory + segment] in one buffer: a memory stored small is upcast while copied in (no
+        # full-size cast temporary); the same values as cat([mem.to(dtype), kv_new])
+        B, M, X = mem.shape
+        kv = kv_new.new_empty(B, M + kv_new.size(1), X)
+        kv[:, :M].copy_(mem)
+        kv[:, M:].copy_(kv_new)
+        return kv, kv_new
 
     def projected(self, blocks):
         return self
