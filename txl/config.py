@@ -94,6 +94,7 @@ class TrainerNode:
     accumulate_grad_batches: int = 1
     enable_progress_bar: bool = True
     peak_flops: Optional[float] = None  # FLOP/s of ONE device, for the logged mfu; None: GEMM probe at start
+    compile: bool = False  # torch.compile the model for training and validation (docs/perf.md: measured)
 
     def __post_init__(self):
         _need(self.peak_flops is None or self.peak_flops > 0,

@@ -41,9 +41,12 @@ def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float):
 
 class TXLModule(pl.LightningModule):
     def __init__(self, model_cfg: TXLConfig, optim: Any, seq: Any, max_steps: int,
-                 unit: Optional[str] = None, txl_meta: Optional[dict] = None):
+                 unit: Optional[str] = None, txl_meta: Optional[dict] = None, compile: bool = False):
         super().__init__()
         self.model = TransformerXL(model_cfg)
+        # trainer.compile: the compiled forward is kept outside the module tree (not a submodule), so
+        # parameters and checkpoints keep their names; it shares self.model's parameters
+        object.__setattr__(self, "_fwd", torch.compile(self.model) if compile else self.model)
         self.optim_cfg, self.seq, self.max_steps = optim, seq, max_steps
         self.unit = unit  # 'byte' | 'char' | None: whether bits-per-unit is meaningful
         self.txl_meta = txl_meta or {}  # tokenizer, data and run config: travel in the checkpoint
@@ -62,7 +65,7 @@ class TXLModule(pl.LightningModule):
         ids, labels = batch["input_ids"], batch["labels"]
         if batch["reset"] or self.train_mems is None:
             self.train_mems = self.model.init_mems(ids.size(0))
-        out = self.model(ids, mems=self.train_mems, labels=labels)
+        out = self._fwd(ids, mems=self.train_mems, labels=labels)
         self.train_mems = out.mems
         self.next_pos = {"epoch": int(batch["epoch"]), "pos": int(batch["pos"]) + 1}
         loss = out.loss
@@ -90,7 +93,7 @@ class TXLModule(pl.LightningModule):
         # under FSDP: projecting reads W_k, W_v outside a block's forward, where they are sharded.
         from pytorch_lightning.strategies import FSDPStrategy
         fsdp = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
-        self._scorer = SegmentScorer(self.model, projected=not fsdp, hooks=self.val_hooks)  # txl.evaluate
+        self._scorer = SegmentScorer(self._fwd, projected=not fsdp, hooks=self.val_hooks)  # txl.evaluate
 
     def _eval_step(self, batch):
         self._scorer.step(batch)
