@@ -151,7 +151,7 @@ class TxlRunner:
 
     def step(self, seg):
         if self.mems is None and (self.projected or self.mem_dtype != "auto"):
-            self.mems = self.model.init_mems(seg.size(0), projected=self.projected).stored_as(self.mem_dtype)
+            self.mems = self.model.init_mems(seg.size(0), projected=self.projected, store=self.mem_dtype)
         x, y = seg[:, :-1], seg[:, 1:].clone()
         y[:, -1] = -100  # the peer scores T - 1 positions per segment (it shifts inside): so do we
         out = self.forward(x, mems=self.mems, labels=y)

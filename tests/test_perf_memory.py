@@ -122,3 +122,14 @@ def test_evaluate_tokens_mem_dtype():
     assert r16["loss"] != r32["loss"] and abs(r16["loss"] - r32["loss"]) / r32["loss"] < 1e-2
     with pytest.raises(ValueError, match="eval.mem_dtype must be"):
         EvalNode(mem_dtype="fp16")
+
+
+@pytest.mark.parametrize("store", ["bf16", "int8"])
+def test_init_in_store_equals_storing_after(store):
+    """init_mems(store=...) builds the memory small a layer at a time: the same rows as converting after."""
+    model = _model(mem_init="zeros", pre_lnorm=True)  # pre-LayerNorm: zero rows project to non-zero keys
+    for projected in (False, True):
+        a = model.init_mems(3, projected=projected, store=store)
+        b = model.init_mems(3, projected=projected).stored_as(store)
+        assert a.store == store and all(x.dtype == y.dtype for x, y in zip(a.layers, b.layers))
+        assert all(torch.equal(x, y) for x, y in zip(a, b))

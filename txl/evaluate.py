@@ -45,7 +45,7 @@ class SegmentScorer:
         else:
             batch = {**batch, "labels": labels}
         if batch["reset"] or self.mems is None:
-            self.mems = self.model.init_mems(ids.size(0), projected=self.projected).stored_as(self.mem_dtype)
+            self.mems = self.model.init_mems(ids.size(0), projected=self.projected, store=self.mem_dtype)
         mems_in = self.mems
         out = self.model(ids, mems=mems_in, labels=labels)
         self.mems = out.mems

@@ -88,25 +88,32 @@ class Memory(Sequence):
     def __init__(self, layers: Iterable[torch.Tensor] = (), store: str = "auto",
                  scales: Iterable[torch.Tensor] | None = None):
         self.store = check_store(store)
-        self.layers = list(layers)
         self.scales = list(scales) if scales is not None else None
-        if store == "int8" and self.scales is None:  # encode rows given in a float dtype
-            coded = [quantize_rows(m) for m in self.layers]
-            self.layers, self.scales = [q for q, _ in coded], [s for _, s in coded]
+        # rows given in a float dtype are encoded layer by layer as `layers` yields them (a generator
+        # then holds one full-precision layer at a time, never the whole memory)
+        if store == "int8" and self.scales is None:
+            self.layers, self.scales = [], []
+            for m in layers:
+                q, s = quantize_rows(m)
+                self.layers.append(q)
+                self.scales.append(s)
         elif STORES[store] is not None and store != "int8":
-            self.layers = [m.to(STORES[store]) for m in self.layers]
+            self.layers = [m.to(STORES[store]) for m in layers]
+        else:
+            self.layers = list(layers)
 
     @classmethod
     def init(cls, n_layer: int, batch_size: int, width: int, mem_len: int, mode: str, device=None,
              dtype=None, store: str = "auto") -> "Memory":
-        """The first segment's memory (see init_mems for `mode`)."""
-        return cls(init_mems(n_layer, batch_size, width, mem_len, mode, device, dtype), store)
+        """The first segment's memory (see init_mems for `mode`), built a layer at a time."""
+        M = mem_len if mode == "zeros" else 0
+        return cls((torch.zeros(batch_size, M, width, device=device, dtype=dtype) for _ in range(n_layer)), store)
 
     def stored_as(self, store: str) -> "Memory":
         """The same rows kept in another storage dtype (int8 re-encodes what it reads)."""
         if store == self.store:
             return self
-        return type(self)(self, store)
+        return type(self)((self[i] for i in range(len(self))), store)
 
     def _like(self, layers, scales=None) -> "Memory":
         return type(self)(layers, self.store, scales)
@@ -203,8 +210,8 @@ class HiddenMemory(Memory):
 
     @torch.no_grad()
     def projected(self, blocks):
-        return KVMemory([block.attn.project_kv(m.to(block.attn.qkv.weight.dtype))
-                         for block, m in zip(blocks, self)], self.store)
+        return KVMemory((block.attn.project_kv(self[i].to(block.attn.qkv.weight.dtype))
+                         for i, block in enumerate(blocks)), self.store)
 
 
 class KVMemory(Memory):
