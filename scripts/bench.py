@@ -3,6 +3,12 @@
     python scripts/bench.py --workload char-train --dtype bf16 --impl both
     python scripts/bench.py --all                      # every workload x dtype -> bench.md + bench.json
     python scripts/bench.py --all --device cuda        # the same on a GPU (skips when there is none)
+    python scripts/bench.py --workload char-eval-long --mem-dtype bf16 --mem-len 4096 --pattern local
+
+--all runs the suite (SUITE below): every workload x dtype against the peer, char-eval-long with
+memories stored in bf16 / int8 (against the peer), char-eval-long at memory lengths 4,096 / 16,384
+with dense and local attention (txl alone: the peer has no local attention, and its dense eval at
+16,384 would take minutes a step), and torch.compile'd txl against eager txl.
 
 Fairness rules (what makes the ratios mean something):
   * one config, one set of weights: the peer is built from a seeded TransfoXLConfig and saved with
@@ -53,6 +59,15 @@ WORKLOADS = {
     "word-train": dict(model=WORD, train=True, batch=8, tgt_len=128, mem_len=128, clamp_len=-1, same_length=False),
 }
 DTYPES = ("fp32", "bf16")
+MEM_DTYPES = ("auto", "fp32", "bf16", "int8")  # txl.model.memory.STORES (eval only)
+# --all: (workload, dtype, overrides of the command line, implementations)
+LONG = [dict(mem_len=n, pattern=pat, mem_dtype=md) for n in (4096, 16384) for pat in ("dense", "local")
+        for md in ("auto", "bf16")]
+SUITE = ([(wl, dt, {}, "both") for wl in WORKLOADS for dt in DTYPES]
+         + [("char-eval-long", "fp32", dict(mem_dtype=md), "both") for md in ("bf16", "int8")]
+         + [("char-eval-long", "bf16", dict(mem_dtype="int8"), "both")]
+         + [("char-eval-long", "fp32", o, "txl") for o in LONG]
+         + [(wl, "fp32", dict(compile=c), "txl") for wl in ("char-train", "char-eval-long") for c in (False, True)])
 LOSS_TOL = 1e-4
 
 
@@ -97,8 +112,17 @@ def reset_peak_rss() -> float:
     return _status_kb("VmRSS") / 1024
 
 
+def workload(a) -> dict:
+    """The workload with the command line's memory length (eval workloads only)."""
+    w = dict(WORKLOADS[a.workload])
+    if getattr(a, "mem_len", None) and not w["train"]:
+        w["mem_len"] = a.mem_len
+    return w
+
+
 class TxlRunner:
-    def __init__(self, weights, w: dict, device, backend: str, mems: str = "hidden"):
+    def __init__(self, weights, w: dict, device, backend: str, mems: str = "hidden", mem_dtype: str = "auto",
+                 pattern: str = "dense", window: int = 0, compile: bool = False):
         import torch
         from txl.model import TransformerXL, TXLConfig
         if weights:
@@ -113,19 +137,24 @@ class TxlRunner:
                 seq=dict(tgt_len=c["tgt_len"], mem_len=c["mem_len"], clamp_len=c["clamp_len"],
                          same_length=c["same_length"])))
         # the backend owns no parameters: switch it in place (one copy of the weights in memory)
-        self.model.cfg.attn = replace(self.model.cfg.attn, backend=backend)
+        self.model.cfg.attn = replace(self.model.cfg.attn, backend=backend, pattern=pattern,
+                                      window=(window or w["tgt_len"]) if pattern == "local" else 0)
+        self.model.set_lengths(mem_len=w["mem_len"])
         self.model.to(device)
         # eval may keep memories as keys / values (txl-eval's default): each segment projects its
         # T new rows only; training cannot (it needs W_k, W_v's gradient on the memory rows)
         self.projected = mems == "projected" and not w["train"]
+        # eval memories may be stored small (bf16 / int8 rows), read back in the model's dtype
+        self.mem_dtype = mem_dtype if not w["train"] else "auto"
         self.mems = None
+        self.forward = torch.compile(self.model) if compile else self.model
 
     def step(self, seg):
-        if self.mems is None and self.projected:
-            self.mems = self.model.init_mems(seg.size(0), projected=True)
+        if self.mems is None and (self.projected or self.mem_dtype != "auto"):
+            self.mems = self.model.init_mems(seg.size(0), projected=self.projected, store=self.mem_dtype)
         x, y = seg[:, :-1], seg[:, 1:].clone()
         y[:, -1] = -100  # the peer scores T - 1 positions per segment (it shifts inside): so do we
-        out = self.model(x, mems=self.mems, labels=y)
+        out = self.forward(x, mems=self.mems, labels=y)
         self.mems = out.mems
         return out.loss
 
@@ -169,10 +198,11 @@ class PeerRunner:
 
 def measure(a) -> dict:
     import torch
-    w = WORKLOADS[a.workload]
+    w = workload(a)
     dev = torch.device(a.device)
     bf16 = a.dtype == "bf16"
-    runner = TxlRunner(a.weights, w, dev, a.backend, a.mems) if a.impl == "txl" else PeerRunner(a.weights, w, dev, bf16)
+    runner = (TxlRunner(a.weights, w, dev, a.backend, a.mems, a.mem_dtype, a.pattern, a.window, a.compile)
+              if a.impl == "txl" else PeerRunner(a.weights, w, dev, bf16))
     model = runner.model
     data = token_stream(w, a.warmup + a.steps).to(dev)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
@@ -241,18 +271,21 @@ def child(argv: list) -> dict:
 
 def run_workload(workload: str, dtype: str, impls: list, a) -> list:
     w = WORKLOADS[workload]
-    steps = max(a.steps, 10)
+    w = dict(w, mem_len=a.mem_len or w["mem_len"]) if not w["train"] else w
+    steps = max(a.steps, 1)
     per_round = -(-steps // a.rounds)
     runs = {i: [] for i in impls}
     with tempfile.TemporaryDirectory(prefix="txl-bench-") as tmp:
         weights = None
         if have_peer():
             weights = tmp
-            child(["--_make-weights", tmp, "--workload", workload])
+            child(["--_make-weights", tmp, "--workload", workload] + (["--mem-len", str(a.mem_len)] if a.mem_len else []))
         for r in range(a.rounds):
             for impl in (impls if r % 2 == 0 else impls[::-1]):  # ABBA: neither always goes first
                 argv = ["--_measure", "--workload", workload, "--dtype", dtype, "--impl", impl, "--device", a.device,
-                        "--backend", a.backend, "--mems", a.mems, "--steps", str(per_round), "--warmup", str(a.warmup)]
+                        "--backend", a.backend, "--mems", a.mems, "--steps", str(per_round), "--warmup", str(a.warmup),
+                        "--mem-dtype", a.mem_dtype, "--pattern", a.pattern, "--window", str(a.window)]
+                argv += (["--mem-len", str(a.mem_len)] if a.mem_len else []) + (["--compile"] if a.compile else [])
                 runs[impl].append(child(argv + (["--weights", weights] if weights else [])))
     tokens = w["batch"] * w["tgt_len"]
     fpt = runs["txl"][0].get("flops_per_token") if "txl" in runs else None
@@ -268,6 +301,8 @@ def run_workload(workload: str, dtype: str, impls: list, a) -> list:
             res["model_tflops"] = round(res["tokens_per_s"] * fpt / 1e12, 4)
         if "peak_cuda_mb" in rs[0]:
             res["peak_cuda_mb"] = round(max(r["peak_cuda_mb"] for r in rs), 1)
+        res.update(mem_len=w["mem_len"], mem_dtype=a.mem_dtype if not w["train"] else "auto",
+                   pattern="dense" if impl == "peer" else a.pattern, compile=bool(a.compile) and impl == "txl")
         if impl == "txl":
             res["backend"] = a.backend
             res["mems"] = a.mems if not w["train"] else "hidden"
@@ -292,27 +327,37 @@ def compare(results: list) -> dict:
     return c
 
 
-def to_markdown(rows: list, comps: list, meta: dict) -> str:
-    comp = {(c["workload"], c["dtype"]): c for c in comps}
+def case_label(r: dict) -> tuple:
+    """(memory, memory length, attention, compile) columns of a txl row."""
+    train = WORKLOADS[r["workload"]]["train"]
+    mem = "hidden" if train else f"{r.get('mems', 'hidden')} {r.get('mem_dtype', 'auto')}"
+    return mem, r.get("mem_len", "–"), r.get("pattern", "dense"), "yes" if r.get("compile") else "no"
+
+
+def to_markdown(cases: list, meta: dict) -> str:
+    """cases: [(rows of one case, its txl / peer comparison or {})], in run order."""
     lines = [f"# txl vs peer (transformers TransfoXLLMHeadModel) — {meta['device']}, {meta['cpu']}, "
              f"{meta['threads']} threads, torch {meta['torch']}", "",
-             "| workload | dtype | txl tok/s | peer tok/s | speedup | txl peak RSS MB | peer peak RSS MB | ratio "
-             "| txl workload MB | peer workload MB | ratio | first-loss diff |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["workload"], r["dtype"]) for r in rows}, key=lambda k: (list(WORKLOADS).index(k[0]), k[1] != "fp32"))
-    for key in keys:
-        by = {r["impl"]: r for r in rows if (r["workload"], r["dtype"]) == key}
-        t, p, c = by.get("txl", {}), by.get("peer", {}), comp.get(key, {})
+             "| workload | dtype | txl memory (store) | mem len | attention | compile | txl tok/s | peer tok/s | speedup "
+             "| txl peak RSS MB | peer peak RSS MB | ratio | txl workload MB | peer workload MB | ratio | first-loss diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for rows, c in cases:
+        by = {r["impl"]: r for r in rows}
+        t, p = by.get("txl", {}), by.get("peer", {})
         f = lambda d, k: f"{d[k]:,.0f}" if k in d else "–"  # noqa: E731
         diff = f"{c['loss_diff']:.1e}" + ("" if c.get("loss_ok") is None else (" ok" if c["loss_ok"] else " FAIL")) \
             if c else "–"
-        lines.append(f"| {key[0]} | {key[1]} | {f(t, 'tokens_per_s')} | {f(p, 'tokens_per_s')} | "
-                     f"{c.get('speedup', '–')}x | {f(t, 'peak_rss_mb')} | {f(p, 'peak_rss_mb')} | "
+        mem, ml, pat, comp = case_label(t or p)
+        lines.append(f"| {rows[0]['workload']} | {rows[0]['dtype']} | {mem} | {ml} | {pat} | {comp} | "
+                     f"{f(t, 'tokens_per_s')} | {f(p, 'tokens_per_s')} | "
+                     f"{str(c['speedup']) + 'x' if c else '–'} | {f(t, 'peak_rss_mb')} | {f(p, 'peak_rss_mb')} | "
                      f"{c.get('peak_rss_ratio', '–')} | {f(t, 'workload_mb')} | {f(p, 'workload_mb')} | "
                      f"{c.get('workload_mem_ratio', '–')} | {diff} |")
-    lines += ["", "Medians over >= 10 measured steps per implementation, alternating fresh processes. speedup = "
+    lines += ["", f"Medians over {meta.get('steps', 10)} measured steps per implementation (per case), alternating fresh "
+              "processes. speedup = "
               "txl / peer tokens per second; memory ratios = txl / peer (lower is better). 'workload MB' = peak "
-              "RSS above the resident size before the first step."]
+              "RSS above the resident size before the first step. txl memory: projected = keys / values, "
+              "store = its storage dtype (auto: as computed)."]
     return "\n".join(lines) + "\n"
 
 
@@ -326,7 +371,13 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="rel_fused", help="txl attention backend")
     p.add_argument("--mems", choices=("projected", "hidden"), default="projected",
                    help="txl eval memories: keys / values (txl-eval's default) or hidden states (as the peer)")
-    p.add_argument("--steps", type=int, default=10, help="measured steps per implementation (at least 10)")
+    p.add_argument("--mem-dtype", choices=MEM_DTYPES, default="auto",
+                   help="txl eval memory storage dtype (compute stays in --dtype)")
+    p.add_argument("--mem-len", type=int, default=0, help="eval workloads: memory length (0: the workload's)")
+    p.add_argument("--pattern", choices=("dense", "local"), default="dense", help="txl attention pattern")
+    p.add_argument("--window", type=int, default=0, help="local attention window (0: tgt_len)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the txl model")
+    p.add_argument("--steps", type=int, default=10, help="measured steps per implementation (10: the default; fewer only for a quick look)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of every process")
     p.add_argument("--rounds", type=int, default=3, help="alternating processes per implementation")
     p.add_argument("--md", default="bench.md")
@@ -353,25 +404,28 @@ def main(argv=None) -> int:
         print(f"# the peer (transformers 4.37.2) is not installed: reporting txl alone. To compare, install it in a "
               f"separate environment: {PEER_INSTALL}", file=sys.stderr)
         impls = ["txl"]
-    todo = [(wl, dt) for wl in WORKLOADS for dt in DTYPES] if a.all else [(a.workload, a.dtype)]
-    rows, comps, t0 = [], [], time.time()
-    for wl, dt in todo:
-        res = run_workload(wl, dt, impls, a)
+    todo = ([(wl, dt, o, impls if who == "both" else ["txl"]) for wl, dt, o, who in SUITE] if a.all
+            else [(a.workload, a.dtype, {}, impls)])
+    rows, comps, cases, t0 = [], [], [], time.time()
+    for wl, dt, over, who in todo:
+        ca = argparse.Namespace(**{**vars(a), **over})
+        res = run_workload(wl, dt, who, ca)
         for r in res:
             print(json.dumps(r), flush=True)
         c = compare(res)
         if c:
             comps.append(c)
             check = "" if c["loss_ok"] is None else (" (ok)" if c["loss_ok"] else f" (FAIL: > {LOSS_TOL})")
-            print(f"# {wl} {dt}: speedup {c['speedup']}x, peak RSS {c['peak_rss_ratio']}x, workload memory "
-                  f"{c['workload_mem_ratio']}x, first-step loss |txl - peer| = {c['loss_diff']:.2e}{check}",
+            print(f"# {wl} {dt} {over or ''}: speedup {c['speedup']}x, peak RSS {c['peak_rss_ratio']}x, workload "
+                  f"memory {c['workload_mem_ratio']}x, first-step loss |txl - peer| = {c['loss_diff']:.2e}{check}",
                   file=sys.stderr, flush=True)
         rows += res
+        cases.append((res, c))
     if a.all:
-        meta = dict(device=a.device, cpu=cpu_name(), threads=rows[0]["threads"],
+        meta = dict(device=a.device, cpu=cpu_name(), threads=rows[0]["threads"], steps=max(a.steps, 1),
                     torch=child_torch_version(), seconds=round(time.time() - t0))
         Path(a.json).write_text(json.dumps(dict(meta=meta, results=rows, ratios=comps), indent=1) + "\n")
-        Path(a.md).write_text(to_markdown(rows, comps, meta))
+        Path(a.md).write_text(to_markdown(cases, meta))
         print(f"# wrote {a.md} and {a.json} in {meta['seconds']} s", file=sys.stderr)
     return 1 if any(c["loss_ok"] is False for c in comps) else 0
 

@@ -133,6 +133,7 @@ class TrainerNode:
     peak_flops: Optional[float] = None  # FLOP/s of ONE device, for the logged mfu; None: GEMM probe at start
     # memory one process may use (txl/budget.py): null = GPU memory / cgroup limit / RAM; '16GB'; 'off'
     memory_limit: Any = None
+    compile: bool = False  # torch.compile the model for training and validation (docs/perf.md: measured)
 
     def __post_init__(self):
         from txl.budget import parse_size
@@ -246,9 +247,13 @@ class EvalNode:
     # projected: memories kept as keys / values, so a segment projects T rows instead of M + T
     # (1.3-1.5x faster at long memory, 2x the memory's size); hidden: as in training (least memory)
     mems: str = "projected"
+    # memory storage dtype (compute stays in the model's dtype): auto = as computed | fp32 | bf16 | int8
+    mem_dtype: str = "auto"
 
     def __post_init__(self):
         _need(self.mems in ("projected", "hidden"), f"eval.mems must be projected|hidden, got {self.mems!r}")
+        _need(self.mem_dtype in ("auto", "fp32", "bf16", "int8"),
+              f"eval.mem_dtype must be auto|fp32|bf16|int8, got {self.mem_dtype!r}")
         _need(self.batch_size > 0, f"eval.batch_size must be > 0, got {self.batch_size}")
         _need(self.warmup_tokens >= 0, f"eval.warmup_tokens must be >= 0, got {self.warmup_tokens}")
         _need(self.split in ("train", "valid", "test"), f"eval.split must be train|valid|test, got {self.split!r}")

@@ -137,7 +137,7 @@ def run(cfg: DictConfig) -> dict:
     tok_losses = TokenLosses() if sweep_ctx and mem in sweep_ctx else None
     res = evaluate_tokens(model, tokens, tgt, mem, c.eval.batch_size, c.eval.warmup_tokens, c.eval.precision,
                           progress=sys.stderr.isatty(), hooks=metrics + ([tok_losses] if tok_losses else []),
-                          projected_mems=c.eval.mems == "projected")
+                          projected_mems=c.eval.mems == "projected", mem_dtype=c.eval.mem_dtype)
     unit = getattr(tok, "unit", None) if tok is not None else None
     bits = round(res["loss"] / LN2, 6) if unit else None  # bits per byte (bpb) or per char (bpc)
     out = {"tokens": res["tokens"], "loss": round(res["loss"], 6), "ppl": round(res["ppl"], 4),

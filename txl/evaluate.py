@@ -24,11 +24,13 @@ class SegmentScorer:
     """Score consecutive batches of B ordered streams with one model, memory carried.
 
     projected: memories as keys / values (txl.model.KVMemory: each segment projects T rows,
-    not M + T; same result). hooks: metrics with update(model, batch, out, mems_in) (txl.metrics).
+    not M + T; same result). mem_dtype: the memory's storage dtype (txl.model.memory.STORES; compute
+    stays in the model's dtype). hooks: metrics with update(model, batch, out, mems_in) (txl.metrics).
     nll_sum / n_tok: float64 scalars on the model's device (no host sync per batch)."""
 
-    def __init__(self, model, projected: bool = True, hooks: Sequence = ()):
+    def __init__(self, model, projected: bool = True, hooks: Sequence = (), mem_dtype: str = "auto"):
         self.model, self.projected, self.hooks = model, projected, list(hooks)
+        self.mem_dtype = mem_dtype
         dev = next(model.parameters()).device
         self.nll_sum = torch.zeros((), dtype=torch.float64, device=dev)
         self.n_tok = torch.zeros((), dtype=torch.float64, device=dev)
@@ -43,7 +45,7 @@ class SegmentScorer:
         else:
             batch = {**batch, "labels": labels}
         if batch["reset"] or self.mems is None:
-            self.mems = self.model.init_mems(ids.size(0), projected=self.projected)
+            self.mems = self.model.init_mems(ids.size(0), projected=self.projected, store=self.mem_dtype)
         mems_in = self.mems
         out = self.model(ids, mems=mems_in, labels=labels)
         self.mems = out.mems
@@ -64,7 +66,7 @@ def mean_nll(nll_sum: torch.Tensor, n_tok: torch.Tensor, where: str) -> torch.Te
 @torch.inference_mode()
 def evaluate_tokens(model, tokens: np.ndarray, tgt_len: int, mem_len: int, batch_size: int = 1,
                     warmup_tokens: int = 0, precision: str = "32", progress: bool = False,
-                    hooks: Optional[list] = None, projected_mems: bool = True) -> dict:
+                    hooks: Optional[list] = None, projected_mems: bool = True, mem_dtype: str = "auto") -> dict:
     """Score `tokens` as batch_size ordered streams, tgt_len at a time, memory carried.
 
     The first `warmup_tokens` of every stream only fill the memory (not scored). The model's
@@ -85,7 +87,7 @@ def evaluate_tokens(model, tokens: np.ndarray, tgt_len: int, mem_len: int, batch
                          f"eval.batch_size={batch_size} streams are {stream.n_step} tokens each, so no token "
                          "is scored; lower eval.warmup_tokens or eval.batch_size")
     dev = next(model.parameters()).device
-    scorer = SegmentScorer(model, projected=projected_mems, hooks=hooks or [])
+    scorer = SegmentScorer(model, projected=projected_mems, hooks=hooks or [], mem_dtype=mem_dtype)
     t0 = time.perf_counter()
     it = stream
     if progress:

@@ -34,9 +34,13 @@ class NonFiniteLossError(RuntimeError):
 
 class TXLModule(pl.LightningModule):
     def __init__(self, model_cfg: TXLConfig, optim: Any, seq: Any, max_steps: int,
-                 unit: Optional[str] = None, txl_meta: Optional[dict] = None, batch_chunk: int = 1):
+                 unit: Optional[str] = None, txl_meta: Optional[dict] = None, batch_chunk: int = 1,
+                 compile: bool = False):
         super().__init__()
         self.model = TransformerXL(model_cfg)
+        # trainer.compile: the compiled forward is kept outside the module tree (not a submodule), so
+        # parameters and checkpoints keep their names; it shares self.model's parameters
+        object.__setattr__(self, "_fwd", torch.compile(self.model) if compile else self.model)
         self.optim_cfg, self.seq, self.max_steps = optim, seq, max_steps
         self.unit = unit  # 'byte' | 'char' | None: whether bits-per-unit is meaningful
         self.txl_meta = txl_meta or {}  # tokenizer, data and run config: travel in the checkpoint
@@ -109,7 +113,7 @@ class TXLModule(pl.LightningModule):
                 self._zeroed_in_step = True
             loss, mean, self.train_mems = self._chunked_loss(ids, labels)
         else:
-            out = self.model(ids, mems=self.train_mems, labels=labels)
+            out = self._fwd(ids, mems=self.train_mems, labels=labels)
             self.train_mems = out.mems
             loss = mean = out.loss
             if out.aux_loss is not None:  # memory=compressive: the compression's own objective (no gradient
@@ -164,7 +168,7 @@ class TXLModule(pl.LightningModule):
         # under FSDP: projecting reads W_k, W_v outside a block's forward, where they are sharded.
         from pytorch_lightning.strategies import FSDPStrategy
         fsdp = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
-        self._scorer = SegmentScorer(self.model, projected=not fsdp, hooks=self.val_hooks)  # txl.evaluate
+        self._scorer = SegmentScorer(self._fwd, projected=not fsdp, hooks=self.val_hooks)  # txl.evaluate
 
     def _eval_step(self, batch):
         self._scorer.step(batch)

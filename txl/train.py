@@ -120,7 +120,7 @@ def run(cfg: DictConfig) -> dict:
         check_resume(c.ckpt_path, model_cfg, c)
     meta = {"tokenizer": tok.state_dict(), "data": asdict(c.data), "seq": asdict(c.seq), "config": resolved}
     module = TXLModule(model_cfg, c.optim, c.seq, c.trainer.max_steps, unit=getattr(tok, "unit", None),
-                       txl_meta=meta, batch_chunk=c.data.batch_chunk)
+                       txl_meta=meta, batch_chunk=c.data.batch_chunk, compile=c.trainer.compile)
     from txl.metrics import build_val_hooks  # long-range metrics at every validation (txl/metrics)
     module.val_hooks = build_val_hooks(c.metrics, c.data, tok)
     ckpt_cb = StepCheckpoint(str(ckpt_dir), c.checkpoint.every_n_steps, c.checkpoint.keep_last_n)

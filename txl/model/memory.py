@@ -13,6 +13,12 @@ Three kinds, chosen once (TransformerXL.init_mems) and carried by the object fro
                 most cmem_len slots instead of being dropped (compressive.py makes the slots).
 Each attention layer gets its memory tensor and the memory's keys_values: the memory, not the layer,
 decides how its rows become keys / values and what it keeps of the new segment.
+
+Storage dtype (`store`, inference): `auto` keeps rows in the dtype they were computed in (fp32, or
+bf16 under autocast); `fp32` / `bf16` cast them when stored; `int8` keeps each row (one position of
+one stream, its X values) as int8 with one fp32 absmax scale per row. Reads give the compute dtype
+back (a layer's rows are upcast when it reads them, one layer at a time), so the compute dtype never
+changes; only the memory held between segments shrinks (bf16 2x, int8 ~4x).
 """
 from __future__ import annotations
 
@@ -48,22 +54,82 @@ def update_mems(hids: list[torch.Tensor], mems: list[torch.Tensor], mem_len: int
             for h, m in zip(hids, mems)]
 
 
+STORES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., X) -> (int8 (..., X), fp32 scale (..., 1)): symmetric absmax per row, so that
+    |dequantize_rows(q, s) - x| <= s / 2 = absmax(row) / 254 elementwise (round to nearest)."""
+    x = x.float()
+    scale = x.abs().amax(-1, keepdim=True) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays exact
+    return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """int8 rows (..., X) and their (..., 1) scales -> (..., X) in dtype (computed in fp32: one pass,
+    int8 * fp32 promotes inside the kernel, no fp32 copy of the codes)."""
+    return torch.mul(q, scale).to(dtype)
+
+
+def check_store(store: str) -> str:
+    if store not in STORES:
+        raise ValueError(f"memory dtype must be one of {sorted(STORES)}, got {store!r}")
+    return store
+
+
 class Memory(Sequence):
-    """Base: a sequence of per-layer (B, M, X) tensors (index it, iterate it, len() = layers)."""
+    """Base: a sequence of per-layer (B, M, X) tensors (index it, iterate it, len() = layers).
+
+    store: the storage dtype (module docstring); layers hold the stored tensors (int8: the codes,
+    `scales` their per-row (B, M, 1) fp32 scales); indexing gives a layer's rows readable by the
+    model (int8 dequantized to fp32; fp32 / bf16 as stored, upcast by keys_values)."""
 
     kind = ""
     inference_only = False
 
-    def __init__(self, layers: Iterable[torch.Tensor] = ()):
-        self.layers = list(layers)
+    def __init__(self, layers: Iterable[torch.Tensor] = (), store: str = "auto",
+                 scales: Iterable[torch.Tensor] | None = None):
+        self.store = check_store(store)
+        self.scales = list(scales) if scales is not None else None
+        # rows given in a float dtype are encoded layer by layer as `layers` yields them (a generator
+        # then holds one full-precision layer at a time, never the whole memory)
+        if store == "int8" and self.scales is None:
+            self.layers, self.scales = [], []
+            for m in layers:
+                q, s = quantize_rows(m)
+                self.layers.append(q)
+                self.scales.append(s)
+        elif STORES[store] is not None and store != "int8":
+            self.layers = [m.to(STORES[store]) for m in layers]
+        else:
+            self.layers = list(layers)
 
     @classmethod
     def init(cls, n_layer: int, batch_size: int, width: int, mem_len: int, mode: str, device=None,
-             dtype=None) -> "Memory":
-        """The first segment's memory (see init_mems for `mode`)."""
-        return cls(init_mems(n_layer, batch_size, width, mem_len, mode, device, dtype))
+             dtype=None, store: str = "auto") -> "Memory":
+        """The first segment's memory (see init_mems for `mode`), built a layer at a time."""
+        M = mem_len if mode == "zeros" else 0
+        return cls((torch.zeros(batch_size, M, width, device=device, dtype=dtype) for _ in range(n_layer)), store)
+
+    def stored_as(self, store: str) -> "Memory":
+        """The same rows kept in another storage dtype (int8 re-encodes what it reads)."""
+        if store == self.store:
+            return self
+        return type(self)((self[i] for i in range(len(self))), store)
+
+    def _like(self, layers, scales=None) -> "Memory":
+        return type(self)(layers, self.store, scales)
+
+    def nbytes(self) -> int:
+        """Bytes held by the stored rows (and int8 scales)."""
+        return sum(t.numel() * t.element_size() for t in self.layers + (self.scales or []))
 
     def __getitem__(self, i):
+        if self.scales is not None:
+            if isinstance(i, slice):
+                return [self[j] for j in range(*i.indices(len(self)))]
+            return dequantize_rows(self.layers[i], self.scales[i])
         return self.layers[i]
 
     def __len__(self):
@@ -77,15 +143,23 @@ class Memory(Sequence):
         raise NotImplementedError
 
     def map(self, fn) -> "Memory":
-        """The same kind of memory with fn applied to every layer's tensor (e.g. a row slice)."""
-        return type(self)(fn(m) for m in self.layers)
+        """The same kind of memory with fn applied to every layer's tensor (e.g. a row slice; int8:
+        to the per-row scales alike)."""
+        return self._like([fn(m) for m in self.layers], None if self.scales is None else [fn(x) for x in self.scales])
 
     def detach(self) -> "Memory":
-        return self.map(torch.Tensor.detach)
+        return self._like([m.detach() for m in self.layers], self.scales)
 
     def update(self, new: list[torch.Tensor], mem_len: int, ext_len: int = 0) -> "Memory":
-        """new: per layer what keys_values returned for this segment, (B, T, X)."""
-        return type(self)(update_mems(new, self.layers, mem_len, ext_len))
+        """new: per layer what keys_values returned for this segment, (B, T, X). Stored rows are
+        never re-encoded: only the segment's new rows are cast / quantized, then concatenated."""
+        if self.store == "int8":
+            coded = [quantize_rows(h.detach()) for h in new]
+            return self._like(update_mems([q for q, _ in coded], self.layers, mem_len, ext_len),
+                              update_mems([s for _, s in coded], self.scales, mem_len, ext_len))
+        if STORES[self.store] is not None:
+            new = [h.detach().to(STORES[self.store]) for h in new]
+        return self._like(update_mems(new, self.layers, mem_len, ext_len))
 
     @staticmethod
     def keys_values(mem: torch.Tensor, x: torch.Tensor, hx: torch.Tensor, w_kv: torch.Tensor,
@@ -105,17 +179,23 @@ class Memory(Sequence):
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "layers": [m.detach().cpu() for m in self.layers]}
+        d = {"kind": self.kind, "layers": [m.detach().cpu() for m in self.layers]}
+        if self.store != "auto":
+            d["store"] = self.store
+        if self.scales is not None:
+            d["scales"] = [s.cpu() for s in self.scales]
+        return d
 
     @staticmethod
     def from_state_dict(d: dict, device=None) -> "Memory":
         if d.get("kind") not in MEMORIES:
             raise ValueError(f"memory kind must be one of {sorted(MEMORIES)}, got {d.get('kind')!r}")
-        return MEMORIES[d["kind"]]._load(d, [m.to(device) for m in d["layers"]])
+        return MEMORIES[d["kind"]]._load(d, [m.to(device) for m in d["layers"]], device)
 
     @classmethod
-    def _load(cls, d: dict, layers: list) -> "Memory":
-        return cls(layers)
+    def _load(cls, d: dict, layers: list, device=None) -> "Memory":
+        scales = [s.to(device) for s in d["scales"]] if d.get("scales") is not None else None
+        return cls(layers, d.get("store", "auto"), scales)
 
 
 class HiddenMemory(Memory):
@@ -142,7 +222,8 @@ class HiddenMemory(Memory):
 
     @torch.no_grad()
     def projected(self, blocks):
-        return KVMemory(block.attn.project_kv(m) for block, m in zip(blocks, self.layers))
+        return KVMemory((block.attn.project_kv(self[i].to(block.attn.qkv.weight.dtype))
+                         for i, block in enumerate(blocks)), self.store)
 
 
 class KVMemory(Memory):
@@ -158,7 +239,15 @@ class KVMemory(Memory):
     @staticmethod
     def keys_values(mem, x, hx, w_kv, norm):
         kv_new = F.linear(hx, w_kv)  # (B, T, 2NH): the memory's rows were projected when they were new
-        return (torch.cat([mem.to(kv_new.dtype), kv_new], dim=1) if mem.size(1) else kv_new), kv_new
+        if not mem.size(1):
+            return kv_new, kv_new
+        # [memory + segment] in one buffer: a memory stored small is upcast while copied in (no
+        # full-size cast temporary); the same values as cat([mem.to(dtype), kv_new])
+        B, M, X = mem.shape
+        kv = kv_new.new_empty(B, M + kv_new.size(1), X)
+        kv[:, :M].copy_(mem)
+        kv[:, M:].copy_(kv_new)
+        return kv, kv_new
 
     def projected(self, blocks):
         return self
@@ -176,8 +265,21 @@ class CompressiveMemory(HiddenMemory):
         super().__init__(layers)
         self.n_cmem = n_cmem
 
-    def map(self, fn):
-        return CompressiveMemory((fn(m) for m in self.layers), self.n_cmem)
+    def _like(self, layers, scales=None):
+        return CompressiveMemory(layers, self.n_cmem)
+
+    def stored_as(self, store):
+        if store != "auto":
+            raise ValueError("a compressive memory keeps its rows as computed (eval.mem_dtype=auto)")
+        return self
+
+    @classmethod
+    def init(cls, *args, **kwargs):
+        if kwargs.get("store", "auto") != "auto":
+            raise ValueError("a compressive memory keeps its rows as computed (eval.mem_dtype=auto)")
+        kwargs.pop("store", None)
+        m = HiddenMemory.init(*args, **kwargs)
+        return CompressiveMemory(m.layers, 0)
 
     def split(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(compressed slots (B, n_cmem, D), memory rows (B, M, D)) of one layer."""
@@ -198,7 +300,7 @@ class CompressiveMemory(HiddenMemory):
         return {**super().state_dict(), "n_cmem": self.n_cmem}
 
     @classmethod
-    def _load(cls, d, layers):
+    def _load(cls, d, layers, device=None):
         return cls(layers, int(d["n_cmem"]))
 
 

@@ -84,16 +84,17 @@ class TransformerXL(nn.Module):
             raise ValueError(f"unknown length field(s) {sorted(unknown)}; valid: {[f.name for f in fields(SeqConfig)]}")
         self.cfg.seq = replace(self.cfg.seq, **kw)  # re-validates
 
-    def init_mems(self, batch_size: int, projected: bool = False) -> Memory:
+    def init_mems(self, batch_size: int, projected: bool = False, store: str = "auto") -> Memory:
         """The first segment's memory, the one place its kind is chosen: hidden states, or with
-        projected=True keys / values (inference only). memory=compressive: a CompressiveMemory, also
-        when projected (its slots are compressed hidden states: no key / value form)."""
+        projected=True keys / values (inference only); store: its storage dtype (memory.STORES).
+        memory=compressive: a CompressiveMemory, also when projected (its slots are compressed hidden
+        states: no key / value form), stored as computed."""
         p = next(self.parameters())
         if self.compressor is not None:
             return CompressiveMemory.init(self.cfg.n_layer, batch_size, self.cfg.d_model, self.seq.mem_len,
-                                          self.cfg.mem_init, p.device, p.dtype)
+                                          self.cfg.mem_init, p.device, p.dtype, store=store)
         mems = HiddenMemory.init(self.cfg.n_layer, batch_size, self.cfg.d_model, self.seq.mem_len,
-                                 self.cfg.mem_init, p.device, p.dtype)
+                                 self.cfg.mem_init, p.device, p.dtype, store)
         return self.project_mems(mems) if projected else mems
 
     def project_mems(self, mems) -> KVMemory:

@@ -81,7 +81,11 @@ def rel_fused(q, k, v, pos: Optional[PositionTerm], blocked, scale: float, dropa
         return out, None
     score = torch.matmul(q * scale, k.transpose(-1, -2)).add_(bias)  # (B, N, T, K)
     fill_blocked_(score, blocked, neg)
-    prob = torch.softmax(score.float(), dim=-1).to(v.dtype)
+    # bf16 scores: the CPU softmax kernel accumulates in fp32 and rounds once, so the forward is
+    # bit-equal to softmax(score.float()).to(bf16) without the two (B, N, T, K) cast copies (and
+    # their backward casts; backward then differs by <= 1 bf16 ulp). fp32: the same call as before.
+    prob = torch.softmax(score if score.dtype == torch.bfloat16 and score.device.type == "cpu" else score.float(),
+                         dim=-1).to(v.dtype)
     prob = F.dropout(prob, dropatt, training) if dropatt > 0 else prob
     return torch.matmul(prob, v), None
 
