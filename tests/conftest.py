@@ -95,3 +95,9 @@ def shared_data() -> Path:
             pytest.fail("../shared/data is missing (set TXL_SHARED_DATA)")
         pytest.skip("../shared/data not found (set TXL_SHARED_DATA)")
     return d
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr's non-empty lines less our log lines ('[time][logger][LEVEL] - ...', which the CLIs send
+    to stderr so that stdout keeps only the JSON summary / generated text)."""
+    return [x for x in stderr.splitlines() if x.strip() and not x.startswith("[")]

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import error_lines
 from txl.budget import (AUTO_MIN_VOCAB, GiB, auto_cutoffs, count_params, estimate_memory, fit_model, memory_limit,
                         parse_size, resolve_model, vocab_params)
 from txl.model import TransformerXL, TXLConfig
@@ -172,11 +173,11 @@ def test_a_vocabulary_too_big_for_the_memory_is_refused(tmp_path, run_cli):
                 f"data.test={valid}", "data.tokenizer=word", "data.use_cache=false", "trainer.memory_limit=64MB",
                 f"hydra.run.dir={run}")
     assert r.returncode != 0
-    err = [x for x in r.stderr.splitlines() if x.strip()]
+    err, log = error_lines(r.stderr), r.stdout + r.stderr  # our log lines go to stderr
     assert len(err) == 1 and err[0].startswith("txl-train: error: the model does not fit in memory"), r.stderr[-2000:]
     assert "60,002 types" in err[0] and "(trainer.memory_limit)" in err[0] and "data.max_size=" in err[0]
-    assert "vocabulary 60,002 types (word tokenizer)" in r.stdout  # logged at start, one line each
-    assert f"model.cutoffs={auto_cutoffs(60_002)}" in r.stdout and " parameters " in r.stdout
+    assert "vocabulary 60,002 types (word tokenizer)" in log  # logged at start, one line each
+    assert f"model.cutoffs={auto_cutoffs(60_002)}" in log and " parameters " in log
     assert not any((run / "checkpoints").rglob("*")) and not list(run.rglob("*.ckpt"))  # nothing written
 
 

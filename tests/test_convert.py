@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import error_lines
 from txl.checkpoint import load_model
 from txl.eval import evaluate_tokens
 from txl.convert import from_hf, from_original, hf_tokenizer_state, main, original_tokenizer_state
@@ -471,7 +472,7 @@ def test_original_with_vocab_evaluates_and_without_is_refused(tmp_path, run_cli)
     assert res["loss"] == pytest.approx(want, abs=1e-5)
     assert main(base + ["--out", str(tmp_path / "nv.pt")]) == 0  # no vocabulary
     r = run_cli("eval", f"ckpt_path={tmp_path / 'nv.pt'}", f"eval.text_file={text}", f"hydra.run.dir={tmp_path / 'e2'}")
-    errs = [x for x in r.stderr.strip().splitlines() if x.strip() and not x.startswith("[")]  # not our log lines
+    errs = error_lines(r.stderr)
     assert r.returncode == 2 and len(errs) == 1 and "carries no vocabulary" in errs[0], r.stderr
 
 
