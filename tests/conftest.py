@@ -101,3 +101,13 @@ def error_lines(stderr: str) -> list[str]:
     """stderr's non-empty lines less our log lines ('[time][logger][LEVEL] - ...', which the CLIs send
     to stderr so that stdout keeps only the JSON summary / generated text)."""
     return [x for x in stderr.splitlines() if x.strip() and not x.startswith("[")]
+
+
+@pytest.fixture
+def one_thread():
+    """torch at one thread for the test (small in-process runs: no barrier waits on a loaded machine)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

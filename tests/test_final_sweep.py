@@ -20,12 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TEXT = "".join(f"def f{i % 13}(x):\n    return x * {i % 7} + g{i % 5}(x)\n" for i in range(40))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _model(tok, seed=0):
