@@ -146,12 +146,14 @@ class TxlRunner:
         self.projected = mems == "projected" and not w["train"]
         # eval memories may be stored small (bf16 / int8 rows), read back in the model's dtype
         self.mem_dtype = mem_dtype if not w["train"] else "auto"
+        self.train = w["train"]
         self.mems = None
         self.forward = torch.compile(self.model) if compile else self.model
 
     def step(self, seg):
-        if self.mems is None and (self.projected or self.mem_dtype != "auto"):
-            self.mems = self.model.init_mems(seg.size(0), projected=self.projected, store=self.mem_dtype)
+        if self.mems is None and not self.train:  # as txl-eval scores: a rolling memory (updated in place)
+            self.mems = self.model.init_mems(seg.size(0), projected=self.projected, store=self.mem_dtype,
+                                             rolling=True)
         x, y = seg[:, :-1], seg[:, 1:].clone()
         y[:, -1] = -100  # the peer scores T - 1 positions per segment (it shifts inside): so do we
         out = self.forward(x, mems=self.mems, labels=y)

@@ -133,3 +133,51 @@ def test_init_in_store_equals_storing_after(store):
         b = model.init_mems(3, projected=projected).stored_as(store)
         assert a.store == store and all(x.dtype == y.dtype for x, y in zip(a.layers, b.layers))
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("projected", [False, True])
+@pytest.mark.parametrize("store", ["auto", "bf16", "int8"])
+@pytest.mark.parametrize("ext_len", [0, 2])
+def test_rolling_memory_equals_the_pure_update_and_lets_the_old_rows_go(projected, store, ext_len):
+    """A rolling memory (updated in place, a layer at a time) gives the same losses and memories as
+    the pure update, returns the object it was given, and no old layer tensor survives the step."""
+    import weakref
+    model = _model(mem_len=12)
+    model.set_lengths(ext_len=ext_len)
+    x, y = _data(L=36)
+    pure = model.init_mems(2, projected=projected, store=store)
+    roll = model.init_mems(2, projected=projected, store=store, rolling=True)
+    assert roll.rolling and not pure.rolling
+    with torch.inference_mode():
+        for s in range(0, 36, 4):
+            a = model(x[:, s:s + 4], mems=pure, labels=y[:, s:s + 4])
+            old = [weakref.ref(m) for m in roll.layers] if s else []  # the zeros of `empty` init may be shared
+            b = model(x[:, s:s + 4], mems=roll, labels=y[:, s:s + 4])
+            assert b.mems is roll and a.mems is not pure
+            torch.testing.assert_close(b.nll, a.nll, rtol=0, atol=0)
+            for m, n in zip(a.mems.layers + (a.mems.scales or []), roll.layers + (roll.scales or [])):
+                torch.testing.assert_close(n, m, rtol=0, atol=0)
+            assert all(r() is None for r in old), "an old memory layer is still referenced"
+            pure = a.mems
+
+
+def test_evaluate_tokens_is_unchanged_by_the_rolling_memory():
+    """The scorer rolls its memory only without hooks: with a hook that keeps nothing, the pure update
+    runs; both give the same loss."""
+    from txl.evaluate import SegmentScorer
+
+    class Noop:
+        def update(self, model, batch, out, mems_in):
+            pass
+    model = _model(mem_len=8)
+    toks = np.random.default_rng(0).integers(0, V, 400)
+    a = evaluate_tokens(model, toks, tgt_len=4, mem_len=8, batch_size=2)
+    b = evaluate_tokens(model, toks, tgt_len=4, mem_len=8, batch_size=2, hooks=[Noop()])
+    assert a["loss"] == b["loss"] and a["tokens"] == b["tokens"]
+    batch = {"input_ids": torch.as_tensor(toks[:8]).view(2, 4), "labels": torch.as_tensor(toks[1:9]).view(2, 4),
+             "reset": True}
+    for hooks, rolling in (([], True), ([Noop()], False)):
+        scorer = SegmentScorer(model, hooks=hooks)
+        with torch.inference_mode():
+            scorer.step(batch)
+        assert scorer.mems.rolling is rolling

@@ -26,6 +26,8 @@ class SegmentScorer:
     projected: memories as keys / values (txl.model.KVMemory: each segment projects T rows,
     not M + T; same result). mem_dtype: the memory's storage dtype (txl.model.memory.STORES; compute
     stays in the model's dtype). hooks: metrics with update(model, batch, out, mems_in) (txl.metrics).
+    Without hooks the memory is rolling (updated in place a layer at a time: the old and the new
+    memory never coexist); hooks read the memory a segment was scored with, so they keep the pure update.
     nll_sum / n_tok: float64 scalars on the model's device (no host sync per batch)."""
 
     def __init__(self, model, projected: bool = True, hooks: Sequence = (), mem_dtype: str = "auto"):
@@ -45,7 +47,8 @@ class SegmentScorer:
         else:
             batch = {**batch, "labels": labels}
         if batch["reset"] or self.mems is None:
-            self.mems = self.model.init_mems(ids.size(0), projected=self.projected, store=self.mem_dtype)
+            self.mems = self.model.init_mems(ids.size(0), projected=self.projected, store=self.mem_dtype,
+                                             rolling=not self.hooks)
         mems_in = self.mems
         out = self.model(ids, mems=mems_in, labels=labels)
         self.mems = out.mems

@@ -1,5 +1,5 @@
 """Segment-level recurrence: the memory, one (B, M, X) tensor per layer, detached (stop-gradient,
-Dai et al. 2019 eq. 1). Never updated in place: update() returns a new memory.
+Dai et al. 2019 eq. 1). update() returns a new memory, unless the memory is `rolling` (below).
 
 Three kinds, chosen once (TransformerXL.init_mems) and carried by the object from then on:
   HiddenMemory  each layer's *inputs* for the last M positions, X = D. What training needs (the loss
@@ -19,6 +19,13 @@ bf16 under autocast); `fp32` / `bf16` cast them when stored; `int8` keeps each r
 one stream, its X values) as int8 with one fp32 absmax scale per row. Reads give the compute dtype
 back (a layer's rows are upcast when it reads them, one layer at a time), so the compute dtype never
 changes; only the memory held between segments shrinks (bf16 2x, int8 ~4x).
+
+Rolling (`rolling=True`, inference): the model updates the memory in place, each layer right after
+that layer has read it, and returns the same object. The old and the new memory then never coexist
+(the high-water mark is the memory plus one layer, not twice the memory), which matters when the
+memory is long; the price is that the memory handed in is consumed (nobody may read it afterwards:
+metrics that re-run a segment on its input memory need the pure update). A compressive memory is
+updated by its compressor and is never rolling.
 """
 from __future__ import annotations
 
@@ -87,6 +94,7 @@ class Memory(Sequence):
 
     kind = ""
     inference_only = False
+    rolling = False  # set on an instance: update in place (module docstring)
 
     def __init__(self, layers: Iterable[torch.Tensor] = (), store: str = "auto",
                  scales: Iterable[torch.Tensor] | None = None):
@@ -148,18 +156,30 @@ class Memory(Sequence):
         return self._like([fn(m) for m in self.layers], None if self.scales is None else [fn(x) for x in self.scales])
 
     def detach(self) -> "Memory":
+        if self.rolling:  # the same object (it is updated in place), its tensors detached
+            self.layers = [m.detach() for m in self.layers]
+            return self
         return self._like([m.detach() for m in self.layers], self.scales)
 
-    def update(self, new: list[torch.Tensor], mem_len: int, ext_len: int = 0) -> "Memory":
-        """new: per layer what keys_values returned for this segment, (B, T, X). Stored rows are
-        never re-encoded: only the segment's new rows are cast / quantized, then concatenated."""
+    def update_layer(self, i: int, new: torch.Tensor, mem_len: int, ext_len: int = 0) -> None:
+        """In place: layer i's rows <- the last mem_len of [its rows + new] (update_mems); new (B, T, X)
+        is what keys_values returned for this segment. Stored rows are never re-encoded: only the
+        segment's new rows are cast / quantized, then concatenated; the old tensor is let go."""
+        new = new.detach()
         if self.store == "int8":
-            coded = [quantize_rows(h.detach()) for h in new]
-            return self._like(update_mems([q for q, _ in coded], self.layers, mem_len, ext_len),
-                              update_mems([s for _, s in coded], self.scales, mem_len, ext_len))
-        if STORES[self.store] is not None:
-            new = [h.detach().to(STORES[self.store]) for h in new]
-        return self._like(update_mems(new, self.layers, mem_len, ext_len))
+            new, scale = quantize_rows(new)
+            self.scales[i] = update_mems([scale], [self.scales[i]], mem_len, ext_len)[0]
+        elif STORES[self.store] is not None:
+            new = new.to(STORES[self.store])
+        self.layers[i] = update_mems([new], [self.layers[i]], mem_len, ext_len)[0]
+
+    def update(self, new: list[torch.Tensor], mem_len: int, ext_len: int = 0) -> "Memory":
+        """new: per layer what keys_values returned for this segment, (B, T, X) -> the next memory:
+        a new object (this one unchanged), or this one updated in place when it is rolling."""
+        out = self if self.rolling else self._like(list(self.layers), None if self.scales is None else list(self.scales))
+        for i, h in enumerate(new):
+            out.update_layer(i, h, mem_len, ext_len)
+        return out
 
     @staticmethod
     def keys_values(mem: torch.Tensor, x: torch.Tensor, hx: torch.Tensor, w_kv: torch.Tensor,

@@ -84,18 +84,22 @@ class TransformerXL(nn.Module):
             raise ValueError(f"unknown length field(s) {sorted(unknown)}; valid: {[f.name for f in fields(SeqConfig)]}")
         self.cfg.seq = replace(self.cfg.seq, **kw)  # re-validates
 
-    def init_mems(self, batch_size: int, projected: bool = False, store: str = "auto") -> Memory:
+    def init_mems(self, batch_size: int, projected: bool = False, store: str = "auto",
+                  rolling: bool = False) -> Memory:
         """The first segment's memory, the one place its kind is chosen: hidden states, or with
-        projected=True keys / values (inference only); store: its storage dtype (memory.STORES).
-        memory=compressive: a CompressiveMemory, also when projected (its slots are compressed hidden
-        states: no key / value form), stored as computed."""
+        projected=True keys / values (inference only); store: its storage dtype (memory.STORES);
+        rolling: forward updates it in place, a layer at a time (memory.py; the memory passed in is
+        consumed). memory=compressive: a CompressiveMemory, also when projected (its slots are
+        compressed hidden states: no key / value form), stored as computed, never rolling."""
         p = next(self.parameters())
         if self.compressor is not None:
             return CompressiveMemory.init(self.cfg.n_layer, batch_size, self.cfg.d_model, self.seq.mem_len,
                                           self.cfg.mem_init, p.device, p.dtype, store=store)
         mems = HiddenMemory.init(self.cfg.n_layer, batch_size, self.cfg.d_model, self.seq.mem_len,
                                  self.cfg.mem_init, p.device, p.dtype, store)
-        return self.project_mems(mems) if projected else mems
+        mems = self.project_mems(mems) if projected else mems
+        mems.rolling = rolling
+        return mems
 
     def project_mems(self, mems) -> KVMemory:
         """A memory (or a list of (B, M, D) hidden states) -> its keys / values (B, M, 2NH) per layer."""
@@ -133,9 +137,9 @@ class TransformerXL(nn.Module):
                 raise ValueError(f"mems must be a list with one tensor per layer ({cfg.n_layer}), got {got}")
             mems = as_memory(mems)
             width, what = mems.width(cfg)
-            for i, m in enumerate(mems):
+            for i, m in enumerate(mems.layers):  # as stored (an int8 layer is not dequantized to check it)
                 if (not torch.is_tensor(m) or m.dim() != 3 or m.size(0) != B or m.size(2) != width
-                        or m.size(1) != mems[0].size(1)):
+                        or m.size(1) != mems.layers[0].size(1)):
                     got = tuple(m.shape) if torch.is_tensor(m) else type(m).__name__
                     raise ValueError(f"mems[{i}] must be a tensor [B={B}, M, {what}={width}] with the same M "
                                      f"in every layer, got {got}")
@@ -156,7 +160,7 @@ class TransformerXL(nn.Module):
             if mems.inference_only:
                 CompressiveMemory.projected(mems, self.blocks)  # keys / values cannot be compressed: refuses
             mems = CompressiveMemory(mems.layers, 0)  # plain hidden states: no compressed slots yet
-        M = mems[0].size(1)
+        M = mems.layers[0].size(1)
         K = M + T
         C = getattr(mems, "n_cmem", 0)  # compressed slots in front of the memory (own distances)
         x = self.embed(input_ids)  # (B, T, D)
@@ -177,7 +181,10 @@ class TransformerXL(nn.Module):
         new, probs = [], []
         for i, block in enumerate(self.blocks):  # the memory turns its rows into keys / values
             h, p, keep = block(h, mems[i], blocked, pos_emb, u, v, need_weights, mems.keys_values, cpos)
-            new.append(keep)  # what the next segment's memory keeps: layer input or its keys / values
+            if mems.rolling:  # this layer's old rows are read: replace them now (memory.py: rolling)
+                mems.update_layer(i, keep, seq.mem_len, seq.ext_len)
+            else:
+                new.append(keep)  # what the next segment's memory keeps: layer input or its keys / values
             probs.append(p)
         h = self.drop(h)
         out = TXLOutput(mems=None, hidden=h, attn=probs if need_weights else None)
@@ -186,7 +193,7 @@ class TransformerXL(nn.Module):
             if out.recon_loss is not None:
                 out.aux_loss = self.compressor.weight * out.recon_loss
         else:
-            out.mems = mems.update(new, seq.mem_len, seq.ext_len)
+            out.mems = mems if mems.rolling else mems.update(new, seq.mem_len, seq.ext_len)
         flat = h.reshape(B * T, -1)
         if labels is not None:
             keep = labels != IGNORE
