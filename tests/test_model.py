@@ -191,6 +191,28 @@ def test_bf16_autocast_cpu(kind, cutoffs, div_val):
     assert all(m.size(1) == 5 for m in out.mems)
 
 
+@pytest.mark.parametrize("pre_lnorm", [False, True])
+def test_bf16_casts_once_per_layer_equal_autocast_per_use(pre_lnorm, monkeypatch):
+    """The attention layer casts W_qkv and its input once under autocast (block.py) instead of at
+    each of their 2-3 uses: the forward is bit-equal to autocast's own per-use casts, the gradients
+    differ only by the rounding of bf16 sums (the uses' gradients meet before the cast back)."""
+    def run(model, x, y, mems):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, mems=mems, labels=y)
+        out.loss.backward()
+        return out.nll, [p.grad.clone() for p in model.parameters()]
+    model = _model(pre_lnorm=pre_lnorm, init_std=0.02).train()
+    x, y = _ids(), _ids(seed=2)
+    mems = model(_ids(seed=7)).mems
+    once, g_once = run(model, x, y, mems)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: False)  # the layer leaves casting to autocast
+    per_use, g_per_use = run(model, x, y, mems)
+    torch.testing.assert_close(once, per_use, rtol=0, atol=0)
+    for a, b in zip(g_once, g_per_use):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
+
+
 @pytest.mark.parametrize("div_val", [1, 2])
 def test_int32_ids_and_labels_match_int64(div_val):
     model = _model(cutoffs=[20, 40], div_val=div_val)

@@ -105,7 +105,14 @@ class MultiHeadAttention(nn.Module):
         N, H = cfg.n_head, cfg.d_head
         # Queries only for the segment; keys / values of [memory + segment] as the memory keeps them
         hx = self.ln(x) if cfg.pre_lnorm else x
-        w_q, w_kv = self.qkv.weight.split([N * H, 2 * N * H])
+        w_qkv = self.qkv.weight
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            # Cast once what autocast would cast at every use: the weight's slices are not leaves (its
+            # cast cache skips them) and hx feeds two projections; one cast each, one cast back in backward.
+            amp = torch.get_autocast_dtype(dev)
+            w_qkv, hx = w_qkv.to(amp), hx.to(amp)
+        w_q, w_kv = w_qkv.split([N * H, 2 * N * H])
         q = F.linear(hx, w_q).view(B, T, N, H).transpose(1, 2)  # (B, N, T, H)
         kv, new = keys_values(mem, x, hx, w_kv, self.ln if cfg.pre_lnorm else None)  # (B, K, 2NH)
         M = mem.size(1)
