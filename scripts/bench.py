@@ -61,8 +61,10 @@ WORKLOADS = {
 DTYPES = ("fp32", "bf16")
 MEM_DTYPES = ("auto", "fp32", "bf16", "int8")  # txl.model.memory.STORES (eval only)
 # --all: (workload, dtype, overrides of the command line, implementations)
-LONG = [dict(mem_len=n, pattern=pat, mem_dtype=md) for n in (4096, 16384) for pat in ("dense", "local")
-        for md in ("auto", "bf16")]
+# very long memories: txl alone (nothing to alternate with), one process of 3 measured steps each (dense at
+# 16,384 takes ~15 s a step on 2 cores); their memory columns do not depend on the step count
+LONG = [dict(mem_len=n, pattern=pat, mem_dtype=md, rounds=1, steps=3) for n in (4096, 16384)
+        for pat in ("dense", "local") for md in ("auto", "bf16")]
 SUITE = ([(wl, dt, {}, "both") for wl in WORKLOADS for dt in DTYPES]
          + [("char-eval-long", "fp32", dict(mem_dtype=md), "both") for md in ("bf16", "int8")]
          + [("char-eval-long", "bf16", dict(mem_dtype="int8"), "both")]
@@ -340,9 +342,9 @@ def to_markdown(cases: list, meta: dict) -> str:
     """cases: [(rows of one case, its txl / peer comparison or {})], in run order."""
     lines = [f"# txl vs peer (transformers TransfoXLLMHeadModel) — {meta['device']}, {meta['cpu']}, "
              f"{meta['threads']} threads, torch {meta['torch']}", "",
-             "| workload | dtype | txl memory (store) | mem len | attention | compile | txl tok/s | peer tok/s | speedup "
+             "| workload | dtype | txl memory (store) | mem len | attention | compile | steps | txl tok/s | peer tok/s | speedup "
              "| txl peak RSS MB | peer peak RSS MB | ratio | txl workload MB | peer workload MB | ratio | first-loss diff |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rows, c in cases:
         by = {r["impl"]: r for r in rows}
         t, p = by.get("txl", {}), by.get("peer", {})
@@ -351,19 +353,20 @@ def to_markdown(cases: list, meta: dict) -> str:
             if c else "–"
         mem, ml, pat, comp = case_label(t or p)
         lines.append(f"| {rows[0]['workload']} | {rows[0]['dtype']} | {mem} | {ml} | {pat} | {comp} | "
+                     f"{(t or p).get('n_steps', '–')} | "
                      f"{f(t, 'tokens_per_s')} | {f(p, 'tokens_per_s')} | "
                      f"{str(c['speedup']) + 'x' if c else '–'} | {f(t, 'peak_rss_mb')} | {f(p, 'peak_rss_mb')} | "
                      f"{c.get('peak_rss_ratio', '–')} | {f(t, 'workload_mb')} | {f(p, 'workload_mb')} | "
                      f"{c.get('workload_mem_ratio', '–')} | {diff} |")
-    lines += ["", f"Medians over {meta.get('steps', 10)} measured steps per implementation (per case), alternating fresh "
-              "processes. speedup = "
+    lines += ["", "Medians over the measured steps per implementation ('steps', per case), alternating fresh "
+              "processes (the very long memories: txl alone, one process). speedup = "
               "txl / peer tokens per second; memory ratios = txl / peer (lower is better). 'workload MB' = peak "
               "RSS above the resident size before the first step. txl memory: projected = keys / values, "
               "store = its storage dtype (auto: as computed)."]
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="char-train")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
@@ -387,7 +390,11 @@ def main(argv=None) -> int:
     p.add_argument("--weights", help=argparse.SUPPRESS)
     p.add_argument("--_measure", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_make-weights", dest="make_weights", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
     if a.make_weights:
         make_weights(WORKLOADS[a.workload], a.make_weights)
         print(json.dumps({"weights": a.make_weights}))
