@@ -80,7 +80,12 @@ def rel_fused(q, k, v, pos: Optional[PositionTerm], blocked, scale: float, dropa
                                              scale=scale)
         return out, None
     score = torch.matmul(q * scale, k.transpose(-1, -2)).add_(bias)  # (B, N, T, K)
-    fill_blocked_(score, blocked, neg)
+    # The fill is outside autograd: a blocked score gets probability exactly 0 (every query sees a
+    # key), so softmax's backward already gives it gradient 0; the fill's own backward (slice
+    # CopySlices + masked_fill of the gradient) would only add ~3 (B, N, T, K) copies per layer.
+    # Nothing saved for backward reads score (add_ and matmul save their inputs, softmax its output).
+    with torch.no_grad():
+        fill_blocked_(score, blocked, neg)
     # bf16 scores: the CPU softmax kernel accumulates in fp32 and rounds once, so the forward is
     # bit-equal to softmax(score.float()).to(bf16) without the two (B, N, T, K) cast copies (and
     # their backward casts; backward then differs by <= 1 bf16 ulp). fp32: the same call as before.

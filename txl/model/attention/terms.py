@@ -73,7 +73,9 @@ class RelativeTerm(PositionTerm):
         qp = self.q_pos * scale
         B, T = qp.size(0), qp.size(-2)
         raw = torch.matmul(qp.transpose(0, 1).reshape(N, B * T, H), r_t)  # (N, B*T, K+1)
-        return full_shift(raw.view(N * B, T, K + 1), K).view(N, B, T, K).transpose(0, 1)
+        raw = raw.view(N * B, T, K + 1)
+        # without gradients a plain view: backends may fill it in place (a custom Function's view may not)
+        return _ShiftedScores.apply(raw, N, K) if raw.requires_grad else _shifted(raw, N, K)
 
     def block(self, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor:
         # Only the C + L distances this block needs: (C, H) x (H, L + C) instead of (T, K).
@@ -96,6 +98,30 @@ class RelativeTerm(PositionTerm):
         def mod(s, b, h, qi, ki):
             return s + raw[b, h, qi, R - 1 - distance(qi, ki, M).clamp(0, R - 1)]
         return mod
+
+
+def _shifted(raw: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """(N*B, T, K+1) raw position scores -> the (B, N, T, K) shifted view scaled_dense returns."""
+    NB, T = raw.size(0), raw.size(1)
+    return full_shift(raw, K).view(N, NB // N, T, K).transpose(0, 1)
+
+
+class _ShiftedScores(torch.autograd.Function):
+    """_shifted with a one-pass backward: the gradient is written straight through the same view
+    into a zeroed raw buffer. (Autograd's chain of view backwards first makes the transposed
+    gradient contiguous, then copies it into the zeroed slice: two (B, N, T, K) copies per layer.)
+    Every raw entry is read at most once by the view, so the copy is the whole gradient."""
+
+    @staticmethod
+    def forward(ctx, raw, N: int, K: int):
+        ctx.shape, ctx.N, ctx.K = raw.shape, N, K
+        return _shifted(raw, N, K)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g_raw = grad.new_zeros(ctx.shape)
+        _shifted(g_raw, ctx.N, ctx.K).copy_(grad)
+        return g_raw, None, None
 
 
 class AlibiTerm(PositionTerm):
