@@ -43,11 +43,14 @@ train: install
 longrange: install
 	$(BIN)/python scripts/longrange_demo.py $(ARGS)
 
+# One pytest-xdist worker per usable core (PYTEST_WORKERS=0: in-process), a test file per worker
+# (module fixtures are built once); tests/conftest.py gives each worker its share of the threads.
+PYTEST_WORKERS ?= auto
 test: install-test
-	$(TEST_BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(TEST_BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: install-test
-	$(TEST_BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(TEST_BIN)/python -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: install-test
 	$(TEST_BIN)/python scripts/bench.py --all

@@ -10,6 +10,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Under pytest-xdist (make test runs one worker per core) the workers share the cores: give each its
+# share, so that neither torch in the worker nor the CLIs it starts oversubscribe them (OpenMP barrier
+# waits on an oversubscribed core cost more than the second thread gains). Before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and not os.environ.get("OMP_NUM_THREADS"):
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def _stdlib_text(n_bytes: int) -> str:
     """Deterministic human-written text present on every machine: some stdlib sources."""
