@@ -29,6 +29,13 @@ class Piece:
     data: bytes
     where: str          # what an error names, e.g. "data.train: books/a.txt"
     offset: int = 0     # byte offset of `data` within its document (for UTF-8 error messages)
+    doc: bool = False   # a document marker (data is b""): a new document starts here
+
+
+def doc_mark(where: str) -> Piece:
+    """The marker put before every document but the first (after the separator, so the separator's
+    tokens belong to the document before it): the builder records the token offset it lands on."""
+    return Piece(b"", where, 0, True)
 
 
 def is_glob(spec: str) -> bool:
@@ -111,13 +118,15 @@ def file_pieces(path: str, where: str, block: Optional[int] = None, label: Optio
 
 
 def documents(paths: Iterable[str], where: str, sep: bytes = DOC_SEP, skip_empty: bool = True) -> Iterator[Piece]:
-    """Files as documents, joined by `sep` (skip_empty=False: an empty file still adds one)."""
+    """Files as documents, joined by `sep` (skip_empty=False: an empty file still adds one), a
+    document marker (doc_mark) after each separator."""
     first = True
     for p in paths:
         if skip_empty and os.path.getsize(p) == 0:
             continue
         if not first:
             yield Piece(sep, f"{where}: document separator")
+            yield doc_mark(where)
         first = False
         yield from file_pieces(p, where)
 
@@ -201,6 +210,25 @@ def encode_job(tok, pieces: List[Piece], final: bool) -> np.ndarray:
     if tok.kind == "byte":
         return np.frombuffer(b"".join(p.data for p in pieces), dtype=np.uint8)
     return tok.encode_chunk(decode_pieces(pieces), final)
+
+
+def encode_docs(tok, pieces: List[Piece], final: bool) -> Tuple[np.ndarray, List[int]]:
+    """(ids, offsets within them where the job's document markers land) for byte / char / word.
+
+    The job is encoded in runs between markers. A marker always follows a separator ending in a
+    newline (DOC_SEP), and cutting after a newline leaves byte / char / word ids unchanged (the
+    same invariant as the jobs' cuts), so the ids equal encode_job's."""
+    if not any(p.doc for p in pieces):
+        return encode_job(tok, pieces, final), []
+    runs: List[List[Piece]] = [[]]
+    for p in pieces:
+        if p.doc:
+            runs.append([])
+        else:
+            runs[-1].append(p)
+    ids = [encode_job(tok, r, final and i == len(runs) - 1) for i, r in enumerate(runs)]
+    starts = np.cumsum([0] + [len(a) for a in ids[:-1]]).tolist()[1:]
+    return (np.concatenate(ids) if len(ids) > 1 else ids[0]), starts
 
 
 def stream_ids(tok, pieces: Iterable[Piece], chunk: Optional[int] = None) -> Iterator[np.ndarray]:
