@@ -418,6 +418,26 @@ def test_read_text_tokens_streams_and_stops_early(shared_data, monkeypatch):
     assert sum(seen) <= 5 * 30_000  # a few chunks; the rest of the 1.2 MB file was never read
 
 
+def test_read_text_docs_of_a_directory_equals_the_corpus_split(tmp_path, small_jobs):
+    """txl-eval's reader on a directory / glob: the ids and document starts a corpus split of the
+    same files gets; max_tokens keeps the starts below it."""
+    from txl.data.reader import read_text_docs
+    books = ["the cat sat\non the mat\n", "a dog\nran", "the end\n" * 3000, "x y\n"]
+    for i, b in enumerate(books):
+        write(tmp_path / "books" / f"b{i}.txt", b)
+    for kind in ("byte", "char", "word"):
+        c = load_corpus(CorpusConfig(source="text_files", tokenizer=kind, train=str(tmp_path / "books"),
+                                     valid=str(tmp_path / "books" / "*.txt"), cache_dir=str(tmp_path / "c")))
+        for spec in (tmp_path / "books", str(tmp_path / "books" / "*.txt")):
+            ids, docs = read_text_docs(spec, c.tokenizer, chunk=4096)
+            np.testing.assert_array_equal(ids, np.asarray(c.valid))
+            assert docs.tolist() == c.doc_starts("valid").tolist() and len(docs) == 4
+        cut = int(c.doc_starts("valid")[2]) + 5
+        ids, docs = read_text_docs(tmp_path / "books", c.tokenizer, max_tokens=cut, chunk=4096)
+        assert len(ids) == cut and docs.tolist() == c.doc_starts("valid")[:3].tolist()
+        assert read_text_docs(tmp_path / "books" / "b0.txt", c.tokenizer)[1].tolist() == [0]
+
+
 def test_read_text_tokens_errors(tmp_path):
     blank = write(tmp_path / "blank.txt", "  \n\n ")
     with pytest.raises(DataError, match="is empty"):

@@ -156,3 +156,9 @@ def test_txl_eval_reset_mems_at_doc(tmp_path, run_cli, cli_env):
     r = run_cli("eval", f"ckpt_path={ckpt}", "metrics.enabled=false", f"hydra.run.dir={tmp_path / 'default'}")
     assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["loss"] == outs["false"]["loss"]
     assert "ppl=" not in r.stderr  # not a TTY: no bar
+    # the same documents as eval.text_file (a glob): the same documents, the same result
+    r = run_cli("eval", f"ckpt_path={ckpt}", f"eval.text_file={tmp_path / 'docs' / '*.txt'}", "metrics.enabled=false",
+                "eval.reset_mems_at_doc=true", f"hydra.run.dir={tmp_path / 'glob'}")
+    assert r.returncode == 0, r.stderr[-1500:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["documents"] == 3 and res["loss"] == outs["true"]["loss"] and res["tokens"] == 363

@@ -2,6 +2,7 @@
 
     txl-eval ckpt_path=run/checkpoints/last.ckpt                       # the checkpoint's test split
     txl-eval ckpt_path=wt103.pt eval.text_file=book.txt seq.eval_mem_len=1600 seq.eval_clamp_len=1000
+    txl-eval ckpt_path=pg19.ckpt 'eval.text_file=books/*.txt' eval.reset_mems_at_doc=true   # per book
 
 Prints one JSON line {"tokens","loss","ppl","bpc","tgt_len","mem_len",...,"metrics"} and writes eval.json
 (metrics: loss by position / available context and attention statistics, txl/metrics).
@@ -60,12 +61,13 @@ def run_sweep(c, model, tokens, tgt_len: int, mem_len: int, same: bool, contexts
             "ecl_saturated": e["saturated"], "file": str(out_dir / "context_sweep.json")}
 
 
-def load_text_tokens(path: str, tok, max_tokens=None) -> np.ndarray:
-    from txl.data import DataError, read_text_tokens
+def load_text_tokens(path: str, tok, max_tokens=None, with_docs: bool = False):
+    """ids of a text file, a directory or a glob (one document per file); with_docs: (ids, document
+    starts or None)."""
+    from txl.data import DataError
+    from txl.data.reader import read_text_docs
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"eval.text_file: file not found: {p}")
-    ids = read_text_tokens(p, tok, max_tokens, where="eval.text_file")  # streamed: stops at max_tokens
+    ids, docs = read_text_docs(p, tok, max_tokens, where="eval.text_file")  # streamed: stops at max_tokens
     special = [i for i in (getattr(tok, "unk_id", None), getattr(tok, "eos_id", None)) if i is not None]
     if special and not bool(np.isin(ids, special, invert=True).any()):
         raise DataError(f"eval.text_file: {p} has no token known to the checkpoint's vocabulary")
@@ -73,7 +75,7 @@ def load_text_tokens(path: str, tok, max_tokens=None) -> np.ndarray:
     if unk is not None and ids.size and float(np.mean(ids == unk)) > 0.5:
         print(f"txl-eval: warning: {float(np.mean(ids == unk)):.0%} of {p}'s tokens are unknown to the vocabulary",
               file=sys.stderr)
-    return ids
+    return (ids, docs) if with_docs else ids
 
 
 def run(cfg: DictConfig) -> dict:
@@ -117,8 +119,8 @@ def run(cfg: DictConfig) -> dict:
     doc_starts = None
     if c.eval.text_file:
         try:
-            tokens, source = load_text_tokens(c.eval.text_file, tok, c.eval.max_tokens), c.eval.text_file
-            doc_starts = np.zeros(1, np.int64)  # one file: one document
+            tokens, doc_starts = load_text_tokens(c.eval.text_file, tok, c.eval.max_tokens, with_docs=True)
+            source = c.eval.text_file
         except DataError as e:  # the data layer's advice names training settings: say what eval can do
             msg = str(e).split("; use data.tokenizer=")[0]
             if msg == str(e):
@@ -132,9 +134,9 @@ def run(cfg: DictConfig) -> dict:
         corpus = load_corpus(CorpusConfig.from_dict(data, strict=False))
         tokens, source = corpus.split(c.eval.split), f"{corpus.name}:{c.eval.split}"
         doc_starts = corpus.doc_starts(c.eval.split)
-        if doc_starts is None and c.eval.reset_mems_at_doc:
-            raise DataError("eval.reset_mems_at_doc: this corpus records no document starts (tokenizer=hf: its "
-                            "encode_batch items span documents); set eval.reset_mems_at_doc=false")
+    if doc_starts is None and c.eval.reset_mems_at_doc:
+        raise DataError("eval.reset_mems_at_doc: no document starts for a tokenizer=hf model (its encode_batch "
+                        "items span documents); set eval.reset_mems_at_doc=false")
     if c.eval.max_tokens:
         tokens = tokens[: c.eval.max_tokens]
     n_docs = int(np.count_nonzero(np.asarray(doc_starts) < len(tokens))) if doc_starts is not None else None
