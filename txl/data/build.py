@@ -150,6 +150,8 @@ def write_split(tok: Tokenizer, pieces: Iterable[Piece], path: str, workers: int
             for ids in reader.stream_ids(tok, counted(pieces)):
                 w.write(ids)
         else:
+            if tok.kind == "word":
+                tok.stoi  # the word -> id map is built lazily: once here, forked workers inherit it
             for ids, at in run_jobs(encode_ids, chunks(counted(pieces)), workers, {"tok": tok, "dtype": dtype}):
                 starts.extend(w.n + a for a in at)
                 w.write(ids)
