@@ -91,7 +91,8 @@ class DocBoundaries:
         """(B, T, M + T) bool for segment `pos` with M memory rows, or None if it hides nothing."""
         s0 = pos * self.tgt_len
         keys = np.arange(s0 - M, s0 + T)                                  # [K] key columns
-        if not any(((c > s0 - M) & (c < s0 + T)).any() for c in self.cols):
+        first = [np.searchsorted(c, s0 - M, side="right") for c in self.cols]  # O(log D) per row
+        if not any(j < len(c) and c[j] < s0 + T for j, c in zip(first, self.cols)):
             return None                                                   # no start among these keys
         q = np.arange(s0, s0 + T)                                         # [T] query columns
         out = np.zeros((len(self.cols), T, M + T), dtype=bool)
