@@ -182,7 +182,8 @@ def test_cache_hit_and_key(files, tmp_path, monkeypatch):
     c1 = load_corpus(cfg)
     assert isinstance(c1.train, np.memmap) and c1.train.dtype == np.uint8
     names = sorted(os.listdir(c1.cache_path))
-    assert names == ["meta.json", "test.npy", "tokenizer.json", "train.npy", "valid.npy"]  # no tmp left
+    assert names == ["meta.json", "test.npy", "test_docs.npy", "tokenizer.json", "train.npy", "train_docs.npy",
+                     "valid.npy", "valid_docs.npy"]  # no tmp left
     assert sorted(os.listdir(cfg.cache_dir)) == [os.path.basename(c1.cache_path)]
 
     def boom(*a, **k):

@@ -122,6 +122,7 @@ def test_hf_tokenizer_stream_equals_reference(shared_data, tmp_path, small_jobs,
                                  cache_dir=str(tmp_path / "c"), **files))
     for s, p in files.items():
         np.testing.assert_array_equal(np.asarray(c.split(s)), ref_hf_encode(backend, read(p), 100_000))
+    assert c.doc_starts("train") is None and c.meta["doc_starts"] is False  # items span documents
 
 
 def test_pystdlib_ids_equal_joined_files(tmp_path):
@@ -158,6 +159,77 @@ def test_directory_and_glob_are_documents(tmp_path, small_jobs):
                                        cache_dir=str(tmp_path / "c")))
         assert c.tokenizer.itos == ref.tokenizer.itos and c.meta["documents"]["train"] == 3
         np.testing.assert_array_equal(np.asarray(c.train), np.asarray(ref.train))
+
+
+@pytest.mark.parametrize("kind", ["byte", "char", "word"])
+def test_doc_starts_of_a_glob(tmp_path, small_jobs, kind):
+    """<split>_docs.npy: where each file's tokens begin in the joined split. Reference: the token
+    count of the joined text before the document (its separators included), with 1 and 2 workers
+    and documents cut across jobs (small_jobs)."""
+    books = ["the cat sat\non the mat\n", "", "a dög\nran", "the end\n" * 5000, "x\n", "last one"]
+    for i, b in enumerate(books):
+        write(tmp_path / "books" / f"b{i}.txt", b)
+    docs = [b for b in books if b]  # empty files are skipped
+    ref = load_corpus(CorpusConfig(source="text_files", tokenizer=kind, train=write(tmp_path / "all.txt", "\n\n".join(docs)),
+                                   valid=write(tmp_path / "v.txt", "the\n"), cache_dir=str(tmp_path / "c")))
+    want = [len(ref.tokenizer.encode_chunk("\n\n".join(docs[:i]) + "\n\n" * (i > 0), final=False))
+            for i in range(len(docs))]
+    for num_proc in (1, 2):
+        c = load_corpus(CorpusConfig(source="text_files", tokenizer=kind, train=str(tmp_path / "books" / "b*.txt"),
+                                     valid=str(tmp_path / "books"), num_proc=num_proc, cache_dir=str(tmp_path / f"c{num_proc}")))
+        np.testing.assert_array_equal(np.asarray(c.train), np.asarray(ref.train))  # markers change no id
+        for s in ("train", "valid"):
+            got = c.doc_starts(s)
+            assert got.dtype == np.int64 and got.tolist() == want, (s, num_proc)
+        assert c.doc_starts("test").tolist() == [] and c.meta["documents"]["train"] == len(docs)
+        assert ref.doc_starts("train").tolist() == [0]  # one file: one document
+        for i, d in enumerate(docs):  # each start decodes to its document's beginning
+            head = ref.tokenizer.encode(d)[:3]
+            np.testing.assert_array_equal(np.asarray(c.train[got[i]:got[i] + len(head)]), head)
+        again = load_corpus(CorpusConfig(source="text_files", tokenizer=kind, train=str(tmp_path / "books" / "b*.txt"),
+                                         valid=str(tmp_path / "books"), cache_dir=str(tmp_path / f"c{num_proc}")))
+        assert isinstance(again.doc_starts("train"), np.memmap) and again.doc_starts("train").tolist() == want
+
+
+def test_pystdlib_and_pg19_record_documents(tmp_path):
+    """Empty stdlib files are documents too (as pystdlib always joined them); pg19: one per book."""
+    root = tmp_path / "lib"
+    for i in range(40):
+        write(root / f"m{i}.py", "" if i % 5 == 0 else f"x = {i}\n" * (i + 1))
+    from txl.data.sources import stdlib_files, stdlib_split
+    c = load_corpus(CorpusConfig(source="pystdlib", stdlib_root=str(root), cache_dir=str(tmp_path / "c")))
+    for s in ("train", "valid", "test"):
+        sizes = [os.path.getsize(p) for rel, p in stdlib_files(str(root)) if stdlib_split(rel) == s]
+        want = np.cumsum([0] + [n + 2 for n in sizes[:-1]]).tolist() if sum(sizes) else []  # no token: none
+        assert c.doc_starts(s).tolist() == want and c.meta["documents"][s] == len(want)
+
+
+def test_old_cache_format_is_rebuilt(tmp_path, caplog):
+    """An entry of format 2 (no <split>_docs.npy) at the entry's path is rebuilt once, with them."""
+    cfg = _cfg(tmp_path)
+    c = load_corpus(cfg)
+    ref, path = np.array(c.train), c.cache_path
+    del c
+    meta_path = os.path.join(path, "meta.json")
+    meta = json.load(open(meta_path))
+    for s in ("train", "valid", "test"):
+        os.remove(os.path.join(path, f"{s}_docs.npy"))
+        del meta["files"][f"{s}_docs.npy"]
+    meta["format_version"] = 2
+    meta.pop("doc_starts")
+    json.dump(meta, open(meta_path, "w"))
+    with caplog.at_level(logging.INFO, logger="txl.data"):
+        again = load_corpus(cfg)
+    assert any("has format 2 (now 3); rebuilding it" in r.getMessage() for r in caplog.records)
+    assert again.cache_path == path and again.doc_starts("train").tolist() == [0]
+    np.testing.assert_array_equal(np.asarray(again.train), ref)
+    assert json.load(open(meta_path))["format_version"] == cache_mod.FORMAT_VERSION == 3
+    np.save(os.path.join(path, "valid_docs.npy"), np.array([0, 5, 3]))  # damaged: checksum, then rebuilt
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="txl.data"):
+        third = load_corpus(cfg)
+    assert ["valid_docs.npy" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [True]
+    assert third.doc_starts("valid").tolist() == [0]
 
 
 def test_bad_document_input(tmp_path):
@@ -221,6 +293,7 @@ def test_local_hf_layouts_use_the_preset_path(tmp_path):
     d = load_corpus(CorpusConfig(source="text_files", tokenizer="word", train=str(books),
                                  valid=write(tmp_path / "v.txt", PG["validation"][0]), cache_dir=str(tmp_path / "c")))
     np.testing.assert_array_equal(np.asarray(c.train), np.asarray(d.train))  # books joined like files
+    assert c.doc_starts("train").tolist() == d.doc_starts("train").tolist() == [0, 11]
     assert c.tokenizer.decode(c.valid) == "It was a dark night.\n"
     with pytest.raises(DataError, match="column 'body' not in dataset columns"):
         load_corpus(CorpusConfig(source="hf", hf_name="pg19", hf_dir=str(pg), hf_text_column="body",
@@ -314,6 +387,21 @@ def test_damaged_cache_is_detected_and_rebuilt(tmp_path, caplog):
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
+def test_reopen_builds_no_word_map_until_it_encodes(tmp_path):
+    """Reopening a word cache (what training does) skips the word -> id map (~0.5 s for 800k
+    words); the first encode builds it, with the same ids."""
+    cfg = _cfg(tmp_path)
+    built = load_corpus(cfg)
+    again = load_corpus(cfg)
+    assert again.cache_path == built.cache_path and again.tokenizer._stoi is None
+    text = "w1 w12 nope w69\n w3"
+    np.testing.assert_array_equal(again.tokenizer.encode(text), built.tokenizer.encode(text))
+    assert again.tokenizer._stoi is not None and again.tokenizer.encode("nope")[0] == again.tokenizer.unk_id == 0
+    from txl.data import WordTokenizer
+    with pytest.raises(DataError, match="duplicate tokens"):
+        WordTokenizer(["a", "b", "a"]).encode("a")
+
+
 def test_cache_hit_reads_no_text(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path)
     load_corpus(cfg)
@@ -343,6 +431,26 @@ def test_read_text_tokens_streams_and_stops_early(shared_data, monkeypatch):
     monkeypatch.setattr(reader, "file_pieces", counting)
     read_text_tokens(path, build_tokenizer("byte"), max_tokens=1000, chunk=30_000)
     assert sum(seen) <= 5 * 30_000  # a few chunks; the rest of the 1.2 MB file was never read
+
+
+def test_read_text_docs_of_a_directory_equals_the_corpus_split(tmp_path, small_jobs):
+    """txl-eval's reader on a directory / glob: the ids and document starts a corpus split of the
+    same files gets; max_tokens keeps the starts below it."""
+    from txl.data.reader import read_text_docs
+    books = ["the cat sat\non the mat\n", "a dog\nran", "the end\n" * 3000, "x y\n"]
+    for i, b in enumerate(books):
+        write(tmp_path / "books" / f"b{i}.txt", b)
+    for kind in ("byte", "char", "word"):
+        c = load_corpus(CorpusConfig(source="text_files", tokenizer=kind, train=str(tmp_path / "books"),
+                                     valid=str(tmp_path / "books" / "*.txt"), cache_dir=str(tmp_path / "c")))
+        for spec in (tmp_path / "books", str(tmp_path / "books" / "*.txt")):
+            ids, docs = read_text_docs(spec, c.tokenizer, chunk=4096)
+            np.testing.assert_array_equal(ids, np.asarray(c.valid))
+            assert docs.tolist() == c.doc_starts("valid").tolist() and len(docs) == 4
+        cut = int(c.doc_starts("valid")[2]) + 5
+        ids, docs = read_text_docs(tmp_path / "books", c.tokenizer, max_tokens=cut, chunk=4096)
+        assert len(ids) == cut and docs.tolist() == c.doc_starts("valid")[:3].tolist()
+        assert read_text_docs(tmp_path / "books" / "b0.txt", c.tokenizer)[1].tolist() == [0]
 
 
 def test_read_text_tokens_errors(tmp_path):

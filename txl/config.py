@@ -249,6 +249,9 @@ class EvalNode:
     mems: str = "projected"
     # memory storage dtype (compute stays in the model's dtype): auto = as computed | fp32 | bf16 | int8
     mem_dtype: str = "auto"
+    # true: a document's tokens see nothing of the documents before it (txl.evaluate.DocBoundaries)
+    reset_mems_at_doc: bool = False
+    progress: Optional[bool] = None  # the bar on stderr (tokens/s, running ppl); null: when stderr is a TTY
 
     def __post_init__(self):
         _need(self.mems in ("projected", "hidden"), f"eval.mems must be projected|hidden, got {self.mems!r}")

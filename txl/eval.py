@@ -2,6 +2,7 @@
 
     txl-eval ckpt_path=run/checkpoints/last.ckpt                       # the checkpoint's test split
     txl-eval ckpt_path=wt103.pt eval.text_file=book.txt seq.eval_mem_len=1600 seq.eval_clamp_len=1000
+    txl-eval ckpt_path=pg19.ckpt 'eval.text_file=books/*.txt' eval.reset_mems_at_doc=true   # per book
 
 Prints one JSON line {"tokens","loss","ppl","bpc","tgt_len","mem_len",...,"metrics"} and writes eval.json
 (metrics: loss by position / available context and attention statistics, txl/metrics).
@@ -37,7 +38,7 @@ def sweep_contexts(mcfg, tgt_len: int, mem_len: int) -> Optional[list]:
 
 
 def run_sweep(c, model, tokens, tgt_len: int, mem_len: int, same: bool, contexts: list, tok_losses, unit,
-              out_dir: Path) -> dict:
+              out_dir: Path, progress: bool = False, doc_starts=None) -> dict:
     """Score the text at every memory length; the table goes to stderr (stdout keeps one JSON line),
     context_sweep.json / .png next to eval.json; returns the compact result for that line."""
     from txl.metrics.context import summarize_sweep, sweep
@@ -45,7 +46,7 @@ def run_sweep(c, model, tokens, tgt_len: int, mem_len: int, same: bool, contexts
     from txl.metrics.recl import sweep_table
     reuse = {mem_len: tok_losses.values()} if tok_losses is not None else None
     res = sweep(model, tokens, tgt_len, contexts, c.eval.batch_size, c.eval.warmup_tokens, c.eval.precision,
-                same_length=same, reuse=reuse, progress=sys.stderr.isatty())
+                same_length=same, reuse=reuse, progress=progress, doc_starts=doc_starts)
     full = summarize_sweep(res, c.metrics.threshold)
     full.update(tgt_len=tgt_len, same_length=same, ckpt=str(c.ckpt_path))
     e = full["ecl"]
@@ -60,12 +61,13 @@ def run_sweep(c, model, tokens, tgt_len: int, mem_len: int, same: bool, contexts
             "ecl_saturated": e["saturated"], "file": str(out_dir / "context_sweep.json")}
 
 
-def load_text_tokens(path: str, tok, max_tokens=None) -> np.ndarray:
-    from txl.data import DataError, read_text_tokens
+def load_text_tokens(path: str, tok, max_tokens=None, with_docs: bool = False):
+    """ids of a text file, a directory or a glob (one document per file); with_docs: (ids, document
+    starts or None)."""
+    from txl.data import DataError
+    from txl.data.reader import read_text_docs
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"eval.text_file: file not found: {p}")
-    ids = read_text_tokens(p, tok, max_tokens, where="eval.text_file")  # streamed: stops at max_tokens
+    ids, docs = read_text_docs(p, tok, max_tokens, where="eval.text_file")  # streamed: stops at max_tokens
     special = [i for i in (getattr(tok, "unk_id", None), getattr(tok, "eos_id", None)) if i is not None]
     if special and not bool(np.isin(ids, special, invert=True).any()):
         raise DataError(f"eval.text_file: {p} has no token known to the checkpoint's vocabulary")
@@ -73,7 +75,7 @@ def load_text_tokens(path: str, tok, max_tokens=None) -> np.ndarray:
     if unk is not None and ids.size and float(np.mean(ids == unk)) > 0.5:
         print(f"txl-eval: warning: {float(np.mean(ids == unk)):.0%} of {p}'s tokens are unknown to the vocabulary",
               file=sys.stderr)
-    return ids
+    return (ids, docs) if with_docs else ids
 
 
 def run(cfg: DictConfig) -> dict:
@@ -114,9 +116,11 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError(f"ckpt_path: {c.ckpt_path} carries no vocabulary, so no text can be tokenized for it "
                          f"(txl-convert --vocab adds the original's)")
     tok = tokenizer_from_state(tok_state) if tok_state is not None else None
+    doc_starts = None
     if c.eval.text_file:
         try:
-            tokens, source = load_text_tokens(c.eval.text_file, tok, c.eval.max_tokens), c.eval.text_file
+            tokens, doc_starts = load_text_tokens(c.eval.text_file, tok, c.eval.max_tokens, with_docs=True)
+            source = c.eval.text_file
         except DataError as e:  # the data layer's advice names training settings: say what eval can do
             msg = str(e).split("; use data.tokenizer=")[0]
             if msg == str(e):
@@ -129,22 +133,30 @@ def run(cfg: DictConfig) -> dict:
             raise ValueError("eval.text_file: this checkpoint has no data config of its own; pass eval.text_file=PATH")
         corpus = load_corpus(CorpusConfig.from_dict(data, strict=False))
         tokens, source = corpus.split(c.eval.split), f"{corpus.name}:{c.eval.split}"
+        doc_starts = corpus.doc_starts(c.eval.split)
+    if doc_starts is None and c.eval.reset_mems_at_doc:
+        raise DataError("eval.reset_mems_at_doc: no document starts for a tokenizer=hf model (its encode_batch "
+                        "items span documents); set eval.reset_mems_at_doc=false")
     if c.eval.max_tokens:
         tokens = tokens[: c.eval.max_tokens]
+    n_docs = int(np.count_nonzero(np.asarray(doc_starts) < len(tokens))) if doc_starts is not None else None
+    progress = sys.stderr.isatty() if c.eval.progress is None else c.eval.progress
     dcfg = ck.get("txl", {}).get("data") or {}
     metrics = build_metrics(c.metrics, dcfg.get("source"), dcfg.get("options"), tok)
     sweep_ctx = sweep_contexts(c.metrics, tgt, mem)
     tok_losses = TokenLosses() if sweep_ctx and mem in sweep_ctx else None
-    res = evaluate_tokens(model, tokens, tgt, mem, c.eval.batch_size, c.eval.warmup_tokens, c.eval.precision,
-                          progress=sys.stderr.isatty(), hooks=metrics + ([tok_losses] if tok_losses else []),
-                          projected_mems=c.eval.mems == "projected", mem_dtype=c.eval.mem_dtype)
     unit = getattr(tok, "unit", None) if tok is not None else None
+    res = evaluate_tokens(model, tokens, tgt, mem, c.eval.batch_size, c.eval.warmup_tokens, c.eval.precision,
+                          progress=progress, hooks=metrics + ([tok_losses] if tok_losses else []),
+                          projected_mems=c.eval.mems == "projected", mem_dtype=c.eval.mem_dtype,
+                          doc_starts=doc_starts if c.eval.reset_mems_at_doc else None, unit=unit)
     bits = round(res["loss"] / LN2, 6) if unit else None  # bits per byte (bpb) or per char (bpc)
     out = {"tokens": res["tokens"], "loss": round(res["loss"], 6), "ppl": round(res["ppl"], 4),
            **({"bpb": bits} if unit == "byte" else {}),
            "bpc": bits, "unit": unit,  # byte corpora: "bpc" = bpb, an alias kept for one release
            "tgt_len": res["tgt_len"], "mem_len": mem, "clamp_len": clamp, "same_length": same,
            "batch_size": c.eval.batch_size, "warmup_tokens": c.eval.warmup_tokens,
+           "reset_mems_at_doc": c.eval.reset_mems_at_doc, "documents": n_docs,
            "tokens_per_s": res["tokens_per_s"], "seconds": res["seconds"],
            "ckpt": str(c.ckpt_path), "text": source}
     if metrics:
@@ -154,7 +166,7 @@ def run(cfg: DictConfig) -> dict:
         draw_metrics(metrics, path.parent, "eval")  # metrics.attention_maps: eval_attention_*.png
     if sweep_ctx:  # the same text once per memory length: ppl table, effective context length
         out["context_sweep"] = run_sweep(c, model, tokens, res["tgt_len"], mem, same, sweep_ctx, tok_losses, unit,
-                                         path.parent)
+                                         path.parent, progress, doc_starts if c.eval.reset_mems_at_doc else None)
     atomic_write_text(path, json.dumps(out, indent=2) + "\n")
     print(json.dumps(out), flush=True)
     return out

@@ -21,7 +21,7 @@ import numpy as np
 from txl.data import reader
 from txl.data.cache import NpyWriter, storage_dtype
 from txl.data.errors import DataError, first_line
-from txl.data.reader import Piece, chunks, decode_pieces, encode_job
+from txl.data.reader import Piece, chunks, decode_pieces, encode_docs
 from txl.data.tokenizers import CharTokenizer, Tokenizer, WordTokenizer, build_tokenizer, rank_words
 
 Job = Tuple[List[Piece], bool]
@@ -42,8 +42,9 @@ def char_set(job: Job) -> set:
     return set(decode_pieces(job[0]))
 
 
-def encode_ids(job: Job) -> np.ndarray:
-    return np.ascontiguousarray(encode_job(_STATE["tok"], job[0], job[1]), dtype=_STATE["dtype"])
+def encode_ids(job: Job) -> Tuple[np.ndarray, List[int]]:
+    ids, starts = encode_docs(_STATE["tok"], job[0], job[1])
+    return np.ascontiguousarray(ids, dtype=_STATE["dtype"]), starts
 
 
 def _context():
@@ -122,11 +123,16 @@ def train_tokenizer(kind: str, train: Callable[[], Iterator[Piece]], workers: in
     return WordTokenizer(rank_words(counts, int(opts.get("min_freq") or 0), opts.get("max_size")), lower=lower)
 
 
-def write_split(tok: Tokenizer, pieces: Iterable[Piece], path: str, workers: int) -> Dict[str, int]:
-    """Tokenize a piece stream into the .npy at `path` -> {'tokens', 'bytes'}."""
+def write_split(tok: Tokenizer, pieces: Iterable[Piece], path: str, workers: int) -> Dict[str, Any]:
+    """Tokenize a piece stream into the .npy at `path` -> {'tokens', 'bytes', 'doc_starts'}.
+
+    doc_starts: int64 [D], the token offset of every document's first token (0 first; a document
+    marker in the stream starts the next); [] for an empty split; None for hf (its ~1 MB
+    encode_batch items span documents, so a document start has no token offset of its own)."""
     dtype = storage_dtype(tok.vocab_size)
     w = NpyWriter(path, dtype)
     nbytes = [0]
+    starts: List[int] = [0]
 
     def counted(ps):
         for p in ps:
@@ -135,15 +141,23 @@ def write_split(tok: Tokenizer, pieces: Iterable[Piece], path: str, workers: int
     try:
         if tok.kind == "byte":  # the bytes are the ids: straight to disk
             for p in counted(pieces):
-                w.write(np.frombuffer(p.data, dtype=np.uint8))
+                if p.doc:
+                    starts.append(w.n)
+                else:
+                    w.write(np.frombuffer(p.data, dtype=np.uint8))
         elif tok.kind == "hf":
+            starts = None
             for ids in reader.stream_ids(tok, counted(pieces)):
                 w.write(ids)
         else:
-            for ids in run_jobs(encode_ids, chunks(counted(pieces)), workers, {"tok": tok, "dtype": dtype}):
+            if tok.kind == "word":
+                tok.stoi  # the word -> id map is built lazily: once here, forked workers inherit it
+            for ids, at in run_jobs(encode_ids, chunks(counted(pieces)), workers, {"tok": tok, "dtype": dtype}):
+                starts.extend(w.n + a for a in at)
                 w.write(ids)
         n = w.close()
     except BaseException:
         w.abort()
         raise
-    return {"tokens": n, "bytes": nbytes[0]}
+    docs = None if starts is None else np.asarray(starts if n else [], dtype=np.int64)
+    return {"tokens": n, "bytes": nbytes[0], "doc_starts": docs}

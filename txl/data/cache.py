@@ -1,9 +1,10 @@
 """The on-disk token cache: one directory per (source identity, tokenizer options).
 
 Entry layout: <cache_dir>/<source>-<tokenizer>-<key[:16]>/{train,valid,test}.npy + tokenizer.json
-+ meta.json. An entry is built in a sibling temp directory and renamed into place whole, so a
-reader never sees half an entry and a failed build (disk full, a worker crash, Ctrl-C) leaves
-nothing behind. meta.json, written last, records every file's size and checksum; `open_entry`
++ meta.json, and {split}_docs.npy (int64 [D]: the token offset where each document starts, 0
+first) unless the tokenizer is hf (meta "doc_starts": false). An entry is built in a sibling temp
+directory and renamed into place whole, so a reader never sees half an entry and a failed build
+(disk full, a worker crash, Ctrl-C) leaves nothing behind. meta.json, written last, records every file's size and checksum; `open_entry`
 verifies them (and the arrays' headers) on every open and reports a damaged entry, which the
 caller then rebuilds.
 """
@@ -23,7 +24,7 @@ from txl.data.config import SPLITS
 from txl.data.errors import DataError
 
 log = logging.getLogger("txl.data")
-FORMAT_VERSION = 2  # 2: streamed build, stat-keyed, checksummed. Bump when ids or layout change.
+FORMAT_VERSION = 3  # 2: streamed build, stat-keyed, checksummed; 3: + <split>_docs.npy. Bump when ids or layout change.
 HEADER = 128        # bytes reserved for the .npy header (rewritten in place once the length is known)
 
 try:  # xxh3 reads ~10 GB/s (a dependency of datasets); crc32 ~2 GB/s is the fallback
@@ -145,8 +146,20 @@ def verify(path: str, meta: Dict[str, Any]) -> Optional[str]:
     return None
 
 
+def _check_docs(split: str, d: np.ndarray, n_tokens: int) -> Optional[str]:
+    """None if d is a valid document-start array for a split of n_tokens, else what is wrong."""
+    if d.ndim != 1 or d.dtype != np.int64:
+        return f"{split}_docs.npy holds {d.dtype} {d.shape}, expected int64 [D]"
+    if n_tokens == 0:
+        return None if len(d) == 0 else f"{split}_docs.npy lists documents of an empty split"
+    if len(d) == 0 or d[0] != 0 or d[-1] > n_tokens or bool((np.diff(d) < 0).any()):
+        return f"{split}_docs.npy is not a sorted list of offsets in [0, {n_tokens}] starting at 0"
+    return None
+
+
 def open_entry(path: str, load_tokenizer) -> Optional[Tuple[Any, Dict[str, np.ndarray], Dict[str, Any]]]:
-    """(tokenizer, {split: memmap}, meta) of a complete, intact entry, else None.
+    """(tokenizer, {split: memmap, and '<split>_docs': memmap when recorded}, meta) of a complete,
+    intact entry, else None.
 
     A damaged entry (sizes, checksums, headers or the tokenizer do not match what meta.json
     recorded) logs one warning; the caller rebuilds it."""
@@ -174,6 +187,10 @@ def open_entry(path: str, load_tokenizer) -> Optional[Tuple[Any, Dict[str, np.nd
                 if arrays[s].ndim != 1 or len(arrays[s]) != meta["tokens"][s]:
                     problem = f"{s}.npy holds {arrays[s].shape} tokens, expected {meta['tokens'][s]}"
                     break
+            if problem is None and meta.get("doc_starts"):
+                docs = {s: np.load(os.path.join(path, f"{s}_docs.npy"), mmap_mode="r") for s in SPLITS}
+                problem = next((p for p in (_check_docs(s, docs[s], meta["tokens"][s]) for s in SPLITS) if p), None)
+                arrays.update({f"{s}_docs": docs[s] for s in SPLITS})
             if problem is None and tok.vocab_size != meta.get("vocab_size"):
                 problem = f"tokenizer.json has vocab {tok.vocab_size}, expected {meta.get('vocab_size')}"
         except (OSError, ValueError, KeyError, TypeError, DataError) as e:

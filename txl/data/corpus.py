@@ -41,6 +41,7 @@ class Corpus:
     test: np.ndarray    # [N_test]; empty when the source has no test split
     cache_path: Optional[str] = None
     meta: Dict[str, Any] = field(default_factory=dict)
+    docs: Optional[Dict[str, np.ndarray]] = None  # split -> int64 [D] document starts; None: hf (not recorded)
 
     @property
     def vocab_size(self) -> int:
@@ -50,6 +51,13 @@ class Corpus:
         if name not in SPLITS:
             raise DataError(f"corpus: unknown split '{name}' (expected train|valid|test)")
         return getattr(self, name)
+
+    def doc_starts(self, name: str) -> Optional[np.ndarray]:
+        """int64 [D]: the token offset where each document of the split starts (0 first; a split
+        read as one text is one document, [0]; an empty split []). None when not recorded (hf
+        tokenizer: its encode_batch items span documents)."""
+        self.split(name)  # checks the name
+        return None if self.docs is None else self.docs[name]
 
     def __repr__(self) -> str:
         return (f"Corpus({self.name!r}, {self.tokenizer.kind} vocab={self.vocab_size}, "
@@ -69,11 +77,16 @@ def _build(cfg: CorpusConfig, splits: Mapping[str, SplitText], tmp: str, meta: D
                                 max_size=cfg.max_size, lower=cfg.lower, name=cfg.hf_tokenizer)
     counts = {s: build.write_split(tok, splits[s].open(), os.path.join(tmp, f"{s}.npy"), cfg.workers)
               for s in SPLITS}
+    docs = all(c["doc_starts"] is not None for c in counts.values())
+    for s, c in counts.items():
+        if docs:
+            np.save(os.path.join(tmp, f"{s}_docs.npy"), c["doc_starts"])
     cache.write_json(os.path.join(tmp, "tokenizer.json"), tok.state_dict())
     meta.update(vocab_size=tok.vocab_size, dtype=str(storage_dtype(tok.vocab_size)),
                 tokens={s: c["tokens"] for s, c in counts.items()},
-                raw_bytes={s: c["bytes"] for s, c in counts.items()},
-                documents={s: splits[s].documents for s in SPLITS}, seconds=round(time.time() - t0, 3))
+                raw_bytes={s: c["bytes"] for s, c in counts.items()}, doc_starts=docs,
+                documents={s: len(c["doc_starts"]) if docs else splits[s].documents for s, c in counts.items()},
+                seconds=round(time.time() - t0, 3))
     cache.seal(tmp, meta)
     return tok
 
@@ -95,8 +108,7 @@ def load_corpus(cfg: CorpusConfig) -> Corpus:
         if cfg.use_cache:
             hit = cache.open_entry(path, tokenizer_from_state)
             if hit is not None:
-                tok, arrays, meta = hit
-                return Corpus(cfg.name, tok, arrays["train"], arrays["valid"], arrays["test"], path, meta)
+                return _corpus(cfg.name, *hit, path)
         meta: Dict[str, Any] = {"key": key, "name": cfg.name, "source": cfg.source, "tokenizer": spec,
                                 "format_version": FORMAT_VERSION}
         tmp = None
@@ -106,9 +118,10 @@ def load_corpus(cfg: CorpusConfig) -> Corpus:
                 tmp = cache.new_build_dir(path) if cfg.use_cache else tempfile.mkdtemp(prefix="txl-corpus-")
                 tok = _build(cfg, splits, tmp, meta)
                 if not cfg.use_cache:  # nothing kept on disk: read the ids into memory
-                    arrays = {s: np.load(os.path.join(tmp, f"{s}.npy")) for s in SPLITS}
+                    names = list(SPLITS) + ([f"{s}_docs" for s in SPLITS] if meta["doc_starts"] else [])
+                    arrays = {n: np.load(os.path.join(tmp, f"{n}.npy")) for n in names}
                     log.info("txl.data: %s tokenized (vocab %d), not cached", cfg.name, tok.vocab_size)
-                    return Corpus(cfg.name, tok, arrays["train"], arrays["valid"], arrays["test"], None, meta)
+                    return _corpus(cfg.name, tok, arrays, meta, None)
                 cache.commit(tmp, path)
                 tmp = None
             except OSError as e:
@@ -118,6 +131,11 @@ def load_corpus(cfg: CorpusConfig) -> Corpus:
     hit = cache.open_entry(path, tokenizer_from_state)  # reopen as memmaps: hit and miss alike
     if hit is None:
         raise DataError(f"data.cache_dir: the token cache just written to {path} does not verify")
-    tok, arrays, meta = hit
-    log.info("txl.data: %s tokenized (vocab %d), cache %s", cfg.name, tok.vocab_size, path)
-    return Corpus(cfg.name, tok, arrays["train"], arrays["valid"], arrays["test"], path, meta)
+    log.info("txl.data: %s tokenized (vocab %d), cache %s", cfg.name, hit[0].vocab_size, path)
+    return _corpus(cfg.name, *hit, path)
+
+
+def _corpus(name: str, tok: Tokenizer, arrays: Dict[str, np.ndarray], meta: Dict[str, Any],
+            path: Optional[str]) -> Corpus:
+    docs = {s: arrays[f"{s}_docs"] for s in SPLITS} if meta.get("doc_starts") else None
+    return Corpus(name, tok, arrays["train"], arrays["valid"], arrays["test"], path, meta, docs)

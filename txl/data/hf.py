@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from txl.data.config import CorpusConfig
 from txl.data.errors import DataError, first_line
 from txl.data.hub import hf_offline, hub_offline_reason, in_local_hf_cache, offline_message
-from txl.data.reader import (BLOCK, DOC_SEP, SPLITS, Piece, SplitText, capped, carve_points, file_pieces,
+from txl.data.reader import (BLOCK, DOC_SEP, SPLITS, Piece, SplitText, capped, carve_points, doc_mark, file_pieces,
                              file_stat, split_cap)
 
 # preset -> (hub dataset, config, join mode, revision). LTCB/enwik8 is script-based (unsupported
@@ -149,9 +149,11 @@ def row_pieces(rows: Rows, mode: str, where: str) -> Iterator[Piece]:
             if mode == "docs":
                 if not row:
                     continue
-                if not first:
+                if not first:  # the separator ends the book before; the marker starts this one
                     buf.append(DOC_SEP)
-                    n += len(DOC_SEP)
+                    yield Piece(b"".join(buf), where)
+                    yield doc_mark(where)
+                    buf, n = [], 0
             first = False
             b = row.encode("utf-8")
             buf.append(b)

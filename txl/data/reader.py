@@ -29,6 +29,13 @@ class Piece:
     data: bytes
     where: str          # what an error names, e.g. "data.train: books/a.txt"
     offset: int = 0     # byte offset of `data` within its document (for UTF-8 error messages)
+    doc: bool = False   # a document marker (data is b""): a new document starts here
+
+
+def doc_mark(where: str) -> Piece:
+    """The marker put before every document but the first (after the separator, so the separator's
+    tokens belong to the document before it): the builder records the token offset it lands on."""
+    return Piece(b"", where, 0, True)
 
 
 def is_glob(spec: str) -> bool:
@@ -110,16 +117,19 @@ def file_pieces(path: str, where: str, block: Optional[int] = None, label: Optio
             yield Piece(carry, label, off)
 
 
-def documents(paths: Iterable[str], where: str, sep: bytes = DOC_SEP, skip_empty: bool = True) -> Iterator[Piece]:
-    """Files as documents, joined by `sep` (skip_empty=False: an empty file still adds one)."""
+def documents(paths: Iterable[str], where: str, sep: bytes = DOC_SEP, skip_empty: bool = True,
+              block: Optional[int] = None) -> Iterator[Piece]:
+    """Files as documents, joined by `sep` (skip_empty=False: an empty file still adds one), a
+    document marker (doc_mark) after each separator."""
     first = True
     for p in paths:
         if skip_empty and os.path.getsize(p) == 0:
             continue
         if not first:
             yield Piece(sep, f"{where}: document separator")
+            yield doc_mark(where)
         first = False
-        yield from file_pieces(p, where)
+        yield from file_pieces(p, where, block)
 
 
 def capped(pieces: Iterable[Piece], cap: Optional[int]) -> Iterator[Piece]:
@@ -203,6 +213,25 @@ def encode_job(tok, pieces: List[Piece], final: bool) -> np.ndarray:
     return tok.encode_chunk(decode_pieces(pieces), final)
 
 
+def encode_docs(tok, pieces: List[Piece], final: bool) -> Tuple[np.ndarray, List[int]]:
+    """(ids, offsets within them where the job's document markers land) for byte / char / word.
+
+    The job is encoded in runs between markers. A marker always follows a separator ending in a
+    newline (DOC_SEP), and cutting after a newline leaves byte / char / word ids unchanged (the
+    same invariant as the jobs' cuts), so the ids equal encode_job's."""
+    if not any(p.doc for p in pieces):
+        return encode_job(tok, pieces, final), []
+    runs: List[List[Piece]] = [[]]
+    for p in pieces:
+        if p.doc:
+            runs.append([])
+        else:
+            runs[-1].append(p)
+    ids = [encode_job(tok, r, final and i == len(runs) - 1) for i, r in enumerate(runs)]
+    starts = np.cumsum([0] + [len(a) for a in ids[:-1]]).tolist()[1:]
+    return (np.concatenate(ids) if len(ids) > 1 else ids[0]), starts
+
+
 def stream_ids(tok, pieces: Iterable[Piece], chunk: Optional[int] = None) -> Iterator[np.ndarray]:
     """ids of a piece stream, job by job, in this process (hf: Rust encodes in parallel itself)."""
     if tok.kind == "hf":
@@ -216,15 +245,32 @@ def read_text_tokens(path, tok, max_tokens: Optional[int] = None, where: str = "
                      chunk: int = 1 << 20) -> np.ndarray:
     """Tokenize a text file streaming, stopping once `max_tokens` ids are read (the rest of the
     file is never read); memory ~ the ids kept plus one ~1 MB chunk. A blank file is an error."""
+    return read_text_docs(path, tok, max_tokens, where, chunk)[0]
+
+
+def read_text_docs(path, tok, max_tokens: Optional[int] = None, where: str = "text",
+                   chunk: int = 1 << 20) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """read_text_tokens for a file, a directory or a glob (one document per file, joined as a
+    corpus split joins them) -> (ids, int64 document starts below len(ids); for hf, None unless a
+    single file)."""
     path = os.fspath(path)
+    files, many = resolve_paths(path, where)
     seen = [False]  # any non-whitespace byte read so far
 
     def watch(pieces):
         for p in pieces:
             seen[0] = seen[0] or bool(p.data.strip())
             yield p
+    pieces = watch(documents(files, where, block=chunk) if many else
+                   file_pieces(path, where, chunk, label=f"{where} {path}"))
     parts, n, dtype = [], 0, storage_dtype(tok.vocab_size)  # kept ids: 1-2 bytes each for byte/char
-    for ids in stream_ids(tok, watch(file_pieces(path, where, chunk, label=f"{where} {path}")), chunk):
+    starts: Optional[List[int]] = None if tok.kind == "hf" and many else [0]  # hf: one file is one document
+    jobs = stream_ids(tok, pieces, chunk) if tok.kind == "hf" else (
+        encode_docs(tok, group, final) for group, final in chunks(pieces, chunk))
+    for out in jobs:
+        ids = out if tok.kind == "hf" else out[0]
+        if tok.kind != "hf":
+            starts += [n + a for a in out[1]]
         parts.append(ids.astype(dtype, copy=False))
         n += len(ids)
         if max_tokens and n >= max_tokens:
@@ -232,7 +278,9 @@ def read_text_tokens(path, tok, max_tokens: Optional[int] = None, where: str = "
     if not seen[0] and not (max_tokens and n >= max_tokens):
         raise DataError(f"{where}: {path} is empty")
     ids = np.concatenate(parts) if parts else np.zeros(0, np.int32)
-    return ids[:max_tokens] if max_tokens else ids
+    ids = ids[:max_tokens] if max_tokens else ids
+    docs = None if starts is None else np.asarray([d for d in starts if d < len(ids)], dtype=np.int64)
+    return ids, docs
 
 
 # ----------------------------------------------------------------------------- splits

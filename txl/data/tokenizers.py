@@ -147,15 +147,28 @@ class WordTokenizer(Tokenizer):
         # WT103 one, put <eos> and <unk> elsewhere); otherwise <unk>=0, <eos>=1, then `words`.
         self.itos: List[str] = list(itos) if itos is not None else \
             [UNK, EOS] + [w for w in words if w not in (UNK, EOS)]
-        # word -> id; a missing word looks up as unk_id (__missing__), so encode maps in C
-        self.stoi: Dict[str, int] = _WithDefault(zip(self.itos, range(len(self.itos))))
-        if len(self.stoi) != len(self.itos):
-            raise DataError("word tokenizer: duplicate tokens in vocabulary")
-        if UNK not in self.stoi or EOS not in self.stoi:  # (`in` does not call __missing__)
-            raise DataError(f"word tokenizer: the vocabulary needs both {UNK} and {EOS}")
-        self.unk_id, self.eos_id, self.lower = self.stoi[UNK], self.stoi[EOS], bool(lower)
         self._standard = itos is None
-        self.stoi.default = self.unk_id
+        self.lower = bool(lower)
+        self._stoi: Optional[Dict[str, int]] = None
+        if self._standard:  # <unk>=0, <eos>=1 by construction; the word -> id map waits for encode
+            self.unk_id, self.eos_id = 0, 1
+        else:
+            self.unk_id, self.eos_id = self.stoi[UNK], self.stoi[EOS]
+
+    @property
+    def stoi(self) -> Dict[str, int]:
+        """word -> id, built on first use (an 800k-word map costs ~0.5 s: a training run reopening
+        its cached ids never encodes); a missing word looks up as unk_id (__missing__), so encode
+        maps in C."""
+        if self._stoi is None:
+            stoi = _WithDefault(zip(self.itos, range(len(self.itos))))
+            if len(stoi) != len(self.itos):
+                raise DataError("word tokenizer: duplicate tokens in vocabulary")
+            if UNK not in stoi or EOS not in stoi:  # (`in` does not call __missing__)
+                raise DataError(f"word tokenizer: the vocabulary needs both {UNK} and {EOS}")
+            stoi.default = stoi[UNK]
+            self._stoi = stoi
+        return self._stoi
 
     @classmethod
     def from_text(cls, text: str, min_freq: int = 0, max_size: Optional[int] = None,

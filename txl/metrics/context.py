@@ -41,10 +41,11 @@ class TokenLosses:
 
 def sweep(model, tokens, tgt_len: int, contexts: Sequence[int], batch_size: int = 1, warmup_tokens: int = 0,
           precision: str = "32", same_length: bool = False, reuse: Optional[dict] = None,
-          progress: bool = False) -> dict:
+          progress: bool = False, doc_starts=None) -> dict:
     """Score `tokens` once per memory length in `contexts` -> {'contexts', 'loss', 'tokens',
     'token_losses' [n_contexts, n_tokens]}. reuse: {mem_len: per-token losses} already measured.
-    same_length is switched off for mem_len 0 (it needs a memory to equalise)."""
+    same_length is switched off for mem_len 0 (it needs a memory to equalise). doc_starts: as
+    evaluate_tokens' (each document scored without the ones before it)."""
     from dataclasses import asdict
     rows, losses = [], []
     saved = asdict(model.seq)
@@ -54,7 +55,8 @@ def sweep(model, tokens, tgt_len: int, contexts: Sequence[int], batch_size: int 
         else:
             model.set_lengths(same_length=same_length and c > 0, mem_len=c)
             h = TokenLosses()
-            evaluate_tokens(model, tokens, tgt_len, c, batch_size, warmup_tokens, precision, progress, hooks=[h])
+            evaluate_tokens(model, tokens, tgt_len, c, batch_size, warmup_tokens, precision, progress, hooks=[h],
+                            doc_starts=doc_starts)
             v = h.values()
         rows.append(v)
         losses.append(float(v.mean()) if len(v) else math.nan)

@@ -92,10 +92,10 @@ class MultiHeadAttention(nn.Module):
                 r = r + (rc, cpos.index)
         M = M + C
         step = max(1, self.chunk_elems // (N * T * (M + T)))
-        if (step < B and not need_weights and not torch.is_grad_enabled()
-                and (blocked.dim() == 2 or blocked.size(0) == 1)):
-            parts = [self._attend(x[i:i + step], mem[i:i + step], blocked, r, u, v, lo, pattern, keys_values, False)
-                     for i in range(0, B, step)]
+        if step < B and not need_weights and not torch.is_grad_enabled():
+            per_row = blocked.dim() == 4 and blocked.size(0) > 1  # (B, 1, T, K): sliced with the rows
+            parts = [self._attend(x[i:i + step], mem[i:i + step], blocked[i:i + step] if per_row else blocked,
+                                  r, u, v, lo, pattern, keys_values, False) for i in range(0, B, step)]
             return torch.cat([p[0] for p in parts]), None, torch.cat([p[2] for p in parts])
         return self._attend(x, mem, blocked, r, u, v, lo, pattern, keys_values, need_weights)
 

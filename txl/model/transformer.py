@@ -149,7 +149,10 @@ class TransformerXL(nn.Module):
                                  "on the memory rows)")
 
     def forward(self, input_ids: torch.Tensor, mems: Optional[list] = None, labels: Optional[torch.Tensor] = None,
-                return_log_probs: bool = False, need_weights: bool = False) -> TXLOutput:
+                return_log_probs: bool = False, need_weights: bool = False,
+                blocked: Optional[torch.Tensor] = None) -> TXLOutput:
+        """blocked: optional (B, T, K) bool, K = memory rows + T, True = the query may not see the key,
+        on top of the causal mask; per stream (txl.evaluate hides an earlier document's keys with it)."""
         self._check(input_ids, mems, labels)
         cfg, seq = self.cfg, self.seq
         B, T = input_ids.shape
@@ -175,7 +178,13 @@ class TransformerXL(nn.Module):
             if seq.clamp_len > 0:
                 pos = pos.clamp(max=seq.clamp_len)
             x = x + sinusoid(pos, cfg.d_model).to(x.dtype)
-        blocked = causal_mask(T, M, seq.same_length, seq.mem_len + C, x.device)
+        causal = causal_mask(T, M, seq.same_length, seq.mem_len + C, x.device)  # (T, K)
+        if blocked is None:
+            blocked = causal
+        elif blocked.shape != (B, T, K) or blocked.dtype != torch.bool:
+            raise ValueError(f"blocked must be a bool tensor [B={B}, T={T}, K={K}], got {tuple(blocked.shape)} {blocked.dtype}")
+        else:
+            blocked = causal | blocked.to(x.device)[:, None]  # (B, 1, T, K): broadcast over heads
         u, v = (getattr(self, "u", None), getattr(self, "v", None))
         h = self.drop(x)
         new, probs = [], []
