@@ -100,7 +100,7 @@ def run(a: argparse.Namespace) -> dict:
            "tgt_len": tgt, "same_length": a.same_length, "clamp_len": a.clamp_len, "contexts": contexts, "threshold": a.threshold,
            "loss": mean.round(6).tolist(), "ppl": np.exp(np.minimum(mean, 700)).round(4).tolist(),
            "recl": {f"{r:g}": [{"model": n, **x} for n, x in zip(names, results[r])] for r in rs},
-           # every step's gain past the threshold too, with the paper's per-token min and without it
+           # every step's gain past the threshold too: the paper's (min credit) and each model's own
            "profile": {f"{r:g}": gain_profile(losses, r) for r in rs}}
     if a.losses_out:
         np.savez_compressed(a.losses_out, losses=losses.astype(np.float32), contexts=np.array(contexts),

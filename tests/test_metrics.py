@@ -230,15 +230,21 @@ def test_recl_top_r_focuses_on_hard_tokens():
 
 def test_recl_min_credit_counts_noise_that_the_mean_does_not():
     # a model whose per-token losses only fluctuate (+-0.5, mean unchanged) between two contexts:
-    # the paper's min(b, l) keeps every drop and none of the rises -> a 'gain'; the plain mean is 0
+    # the paper's min(b, l) keeps every drop and none of the rises -> a 'gain'; its own change is 0
     short = np.array([2.0] * 10)
     long = short + np.array([0.5, -0.5] * 5)
     L = np.stack([short, long])[None]  # (1, 2, 10)
     assert relative_gain(L, 0, 0, 1, r=1.0) == pytest.approx(1 - math.exp(-0.25))
-    assert relative_gain(L, 0, 0, 1, r=1.0, credit="mean") == pytest.approx(0.0, abs=1e-12)
+    assert relative_gain(L, 0, 0, 1, r=1.0, credit="own") == pytest.approx(0.0, abs=1e-12)
     prof = gain_profile(np.concatenate([L, L], axis=1), r=1.0)  # contexts short, long, short, long: every step
-    assert prof["min"][0][0] == pytest.approx(1 - math.exp(-0.25)) and prof["mean"][0][0] == pytest.approx(0.0, abs=1e-12)
-    assert len(prof["min"][0]) == len(prof["mean"][0]) == 3 and prof["mean"][0][1] == pytest.approx(0.0, abs=1e-12)
+    assert prof["min"][0][0] == pytest.approx(1 - math.exp(-0.25)) and prof["own"][0][0] == pytest.approx(0.0, abs=1e-12)
+    assert len(prof["min"][0]) == len(prof["own"][0]) == 3 and prof["own"][0][1] == pytest.approx(0.0, abs=1e-12)
+    # "own" measures a model against itself, not against the group's best: B (1 nat worse everywhere)
+    # gaining 0.2 nats on every token gets 1 - e^-0.2, although it never beats A (min credit 0)
+    A = np.stack([short, short])
+    G = np.stack([A, np.stack([short + 1.0, short + 0.8])])  # (2 models, 2 contexts, 10)
+    assert relative_gain(G, 1, 0, 1, r=1.0, credit="own") == pytest.approx(1 - math.exp(-0.2))
+    assert relative_gain(G, 1, 0, 1, r=1.0) == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="credit"):
         relative_gain(L, 0, 0, 1, r=1.0, credit="max")
 

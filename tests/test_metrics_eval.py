@@ -103,7 +103,7 @@ def test_recl_script_matches_the_pure_function(tmp_path, capsys):
         assert [x["recl"] for x in res["recl"][f"{r:g}"]] == [w["recl"] for w in want]
         np.testing.assert_allclose([x["gains"] for x in res["recl"][f"{r:g}"]][0], want[0]["gains"], rtol=1e-9)
         prof = gain_profile(L, r)
-        np.testing.assert_allclose(res["profile"][f"{r:g}"]["mean"], prof["mean"], rtol=1e-9, atol=1e-7)
+        np.testing.assert_allclose(res["profile"][f"{r:g}"]["own"], prof["own"], rtol=1e-9, atol=1e-7)
         assert res["profile"][f"{r:g}"]["min"][0][:len(want[0]["gains"])] == pytest.approx(want[0]["gains"])
     np.testing.assert_allclose(res["loss"], L.mean(-1), atol=1e-6)
     saved = np.load(tmp_path / "l.npz")
