@@ -8,14 +8,12 @@ from txl.data.errors import DataError
 # A generated long-range probe made of episodes: a payload digit, D-2 noise letters, a marker (one
 # per distance D), then the payload again: the copy stands exactly D tokens after its source and
 # nothing but that source predicts it. Episodes never overlap (the payload is always the most
-# recent digit) and are separated by min_gap..gap noise letters. Recall accuracy at the markers
+# recent digit) and are separated by 0..gap noise letters. Recall accuracy at the markers
 # (txl.metrics.synthetic) says whether the model reaches D tokens into the past; chance is
-# 1/values. Tokens are ASCII: 'a'.. noise, '0'.. payloads, 'A'.. markers. The previous episode's
-# copy stands D + (its gap) before a marker: a min_gap keeps it out of a reach shorter than D + min_gap,
-# so the source is then the only digit a query can see there (recall without telling distances apart).
+# 1/values. Tokens are ASCII: 'a'.. noise, '0'.. payloads, 'A'.. markers.
 RECALL_MARKERS = "ABCDEFGHIJ"  # marker of the k-th distance in `distances`
 RECALL_DEFAULTS: Dict[str, object] = {"distances": [32, 96, 192], "alphabet": 16, "values": 10, "gap": 8,
-                                       "min_gap": 0, "train_tokens": 500_000, "eval_tokens": 25_000, "seed": 0}
+                                       "train_tokens": 500_000, "eval_tokens": 25_000, "seed": 0}
 
 
 def recall_options(options: Optional[Dict[str, object]]) -> Dict[str, object]:
@@ -35,9 +33,6 @@ def recall_options(options: Optional[Dict[str, object]]) -> Dict[str, object]:
         v = opts[k]
         if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
             raise DataError(f"data.options.{k}: an integer in [{lo}, {hi}], got {v!r}")
-    m = opts["min_gap"]
-    if not (isinstance(m, int) and not isinstance(m, bool) and 0 <= m <= opts["gap"]):
-        raise DataError(f"data.options.min_gap: an integer in [0, gap={opts['gap']}], got {m!r}")
     for k in ("train_tokens", "eval_tokens"):
         if not (isinstance(opts[k], int) and opts[k] >= 4 * max(d)):
             raise DataError(f"data.options.{k}: an integer >= 4 * max(distances) = {4 * max(d)}, got {opts[k]!r}")
@@ -46,17 +41,16 @@ def recall_options(options: Optional[Dict[str, object]]) -> Dict[str, object]:
     return opts
 
 
-def recall_text(n: int, distances: List[int], alphabet: int, values: int, gap: int, seed: int,
-                min_gap: int = 0) -> bytes:
+def recall_text(n: int, distances: List[int], alphabet: int, values: int, gap: int, seed: int) -> bytes:
     """n ASCII tokens of back-to-back episodes (distance drawn uniformly per episode):
-    [min_gap..gap noise] payload [D-2 noise] marker payload, so token s+D = token s for the payload s."""
+    [0..gap noise] payload [D-2 noise] marker payload, so token s+D = token s for the payload s."""
     import numpy as np
     rng = np.random.default_rng(seed)
     codes = (ord("a") + rng.integers(0, alphabet, n)).astype(np.uint8)  # noise everywhere first
     s = 0
     while True:
         k = int(rng.integers(0, len(distances)))
-        s += int(rng.integers(min_gap, gap + 1))  # min_gap 0: the stream of the generator without it
+        s += int(rng.integers(0, gap + 1))
         if s + distances[k] >= n:
             break
         codes[s] = codes[s + distances[k]] = ord("0") + int(rng.integers(0, values))

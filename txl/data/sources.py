@@ -112,7 +112,7 @@ def load_synthetic_recall(cfg: CorpusConfig, stack: ExitStack) -> Dict[str, Spli
         n = o["train_tokens"] if split == "train" else o["eval_tokens"]
         cap = split_cap(cfg.max_bytes, split)
         n = max(4 * max(o["distances"]), min(n, cap)) if cap is not None else n
-        args = (n, o["distances"], o["alphabet"], o["values"], o["gap"], o["seed"] * 3 + n_split, o["min_gap"])
+        args = (n, o["distances"], o["alphabet"], o["values"], o["gap"], o["seed"] * 3 + n_split)
         out[split] = SplitText(lambda a=args, w=f"data.{split}": iter([Piece(recall_text(*a), w)]), {"recall": args})
     return out
 
