@@ -13,7 +13,8 @@ config: data=pystdlib, model=small), differing only in what the issue compares:
 then runs scripts/recl.py on them over the first --tokens bytes of the corpus's test split (text
 none of them trained on). Every model is evaluated the same way: each context c is an evaluation
 memory of c tokens, same_length on, relative distances clamped at the training attention length.
-Writes DIR/<model>/ (runs), DIR/recl.json, DIR/recl.png and prints recl.py's Markdown tables.
+Writes DIR/<model>/ (runs), DIR/recl.json, DIR/recl.png, DIR/recl_losses.npz (per-token losses) and
+prints recl.py's Markdown tables.
 """
 from __future__ import annotations
 
@@ -95,7 +96,8 @@ def main(argv=None) -> int:
     import recl
     args = [*[str(p) for p in ckpts.values()], "--text", str(text), "--contexts", a.contexts, "--r", a.r,
             "--names", ",".join(names), "--same-length", "--clamp-len", str(clamp),
-            "--batch-size", str(a.batch_size), "--json-out", str(out / "recl.json"), "--png", str(out / "recl.png")]
+            "--batch-size", str(a.batch_size), "--json-out", str(out / "recl.json"), "--png", str(out / "recl.png"),
+            "--losses-out", str(out / "recl_losses.npz")]
     print(f"longrange: python scripts/recl.py {' '.join(args)}", file=sys.stderr, flush=True)
     return recl.main(args)
 

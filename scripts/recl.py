@@ -49,6 +49,7 @@ def parse(argv: Optional[list] = None) -> argparse.Namespace:
     ap.add_argument("--names", default=None, help="comma-separated model names (default: run directory names)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json-out", default=None, help="also write the JSON here")
+    ap.add_argument("--losses-out", default=None, help="also write the per-token losses [model, context, token] (.npz)")
     ap.add_argument("--png", default=None, help="perplexity vs context plot, RECL at the first r starred")
     return ap.parse_args(argv)
 
@@ -58,7 +59,7 @@ def run(a: argparse.Namespace) -> dict:
     from txl.data import tokenizer_from_state
     from txl.eval import load_text_tokens
     from txl.metrics.context import sweep
-    from txl.metrics.recl import parse_contexts, recl, recl_table, sweep_table
+    from txl.metrics.recl import gain_profile, parse_contexts, recl, recl_table, sweep_table
 
     rs = _floats(a.r, "r")
     if not rs or not all(0 < r <= 1 for r in rs):
@@ -98,7 +99,13 @@ def run(a: argparse.Namespace) -> dict:
     out = {"models": names, "ckpts": list(a.ckpts), "text": a.text, "tokens": int(losses.shape[-1]),
            "tgt_len": tgt, "same_length": a.same_length, "clamp_len": a.clamp_len, "contexts": contexts, "threshold": a.threshold,
            "loss": mean.round(6).tolist(), "ppl": np.exp(np.minimum(mean, 700)).round(4).tolist(),
-           "recl": {f"{r:g}": [{"model": n, **x} for n, x in zip(names, results[r])] for r in rs}}
+           "recl": {f"{r:g}": [{"model": n, **x} for n, x in zip(names, results[r])] for r in rs},
+           # every step's gain past the threshold too: the paper's (min credit) and each model's own
+           "profile": {f"{r:g}": gain_profile(losses, r) for r in rs}}
+    if a.losses_out:
+        np.savez_compressed(a.losses_out, losses=losses.astype(np.float32), contexts=np.array(contexts),
+                            models=np.array(names))
+        out["losses_out"] = a.losses_out
     print(f"## RECL (threshold {a.threshold:g}, contexts {contexts}, tgt_len {tgt}, {out['tokens']} tokens)\n")
     print(recl_table(names, results) + "\n")
     for n, row in zip(names, mean):

@@ -13,7 +13,7 @@ from txl.metrics.attention_stats import AttentionStats, attention_sums
 from txl.metrics.context import TokenLosses
 from txl.metrics.hooks import ValMetrics, draw, read_jsonl, wandb_payload
 from txl.metrics.position import LossByContext, LossByPosition, available_context, log2_bucket, position_buckets
-from txl.metrics.recl import auto_contexts, ecl, hard_tokens, parse_contexts, recl, recl_table, relative_gain
+from txl.metrics.recl import auto_contexts, ecl, hard_tokens, parse_contexts, recl, recl_table, relative_gain, gain_profile
 from txl.metrics.synthetic import RecallAccuracy, recall_counts
 from txl.model import TransformerXL, TXLConfig
 from txl.model.attention import causal_mask
@@ -226,6 +226,27 @@ def test_recl_top_r_focuses_on_hard_tokens():
     assert sorted(hard_tokens(short, 0.1).tolist()) == list(range(90, 100))
     table = recl_table(["xl"], {0.1: recl(L, [0, 64], 0.1), 1.0: recl(L, [0, 64], 1.0)})
     assert table.splitlines()[-1] == "| xl | 64+ | 0 |"
+
+
+def test_recl_min_credit_counts_noise_that_the_mean_does_not():
+    # a model whose per-token losses only fluctuate (+-0.5, mean unchanged) between two contexts:
+    # the paper's min(b, l) keeps every drop and none of the rises -> a 'gain'; its own change is 0
+    short = np.array([2.0] * 10)
+    long = short + np.array([0.5, -0.5] * 5)
+    L = np.stack([short, long])[None]  # (1, 2, 10)
+    assert relative_gain(L, 0, 0, 1, r=1.0) == pytest.approx(1 - math.exp(-0.25))
+    assert relative_gain(L, 0, 0, 1, r=1.0, credit="own") == pytest.approx(0.0, abs=1e-12)
+    prof = gain_profile(np.concatenate([L, L], axis=1), r=1.0)  # contexts short, long, short, long: every step
+    assert prof["min"][0][0] == pytest.approx(1 - math.exp(-0.25)) and prof["own"][0][0] == pytest.approx(0.0, abs=1e-12)
+    assert len(prof["min"][0]) == len(prof["own"][0]) == 3 and prof["own"][0][1] == pytest.approx(0.0, abs=1e-12)
+    # "own" measures a model against itself, not against the group's best: B (1 nat worse everywhere)
+    # gaining 0.2 nats on every token gets 1 - e^-0.2, although it never beats A (min credit 0)
+    A = np.stack([short, short])
+    G = np.stack([A, np.stack([short + 1.0, short + 0.8])])  # (2 models, 2 contexts, 10)
+    assert relative_gain(G, 1, 0, 1, r=1.0, credit="own") == pytest.approx(1 - math.exp(-0.2))
+    assert relative_gain(G, 1, 0, 1, r=1.0) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="credit"):
+        relative_gain(L, 0, 0, 1, r=1.0, credit="max")
 
 
 def test_contexts_parsing_and_errors():

@@ -12,7 +12,7 @@ from txl.checkpoint import save_model
 from txl.data import build_tokenizer
 from txl.eval import evaluate_tokens
 from txl.metrics.context import TokenLosses
-from txl.metrics.recl import ecl, recl
+from txl.metrics.recl import ecl, gain_profile, recl
 from txl.model import TransformerXL, TXLConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +90,7 @@ def test_recl_script_matches_the_pure_function(tmp_path, capsys):
     text.write_text(TEXT[:400])
     js = tmp_path / "recl.json"
     rc = _script().main([a, b, "--text", str(text), "--contexts", "0,8,16", "--r", "0.5,1.0", "--names", "A,B",
-                         "--json-out", str(js), "--png", str(tmp_path / "recl.png")])
+                         "--json-out", str(js), "--png", str(tmp_path / "recl.png"), "--losses-out", str(tmp_path / "l.npz")])
     assert rc == 0
     out = capsys.readouterr().out
     assert "| Model | r = 0.5 | r = 1 |" in out
@@ -102,7 +102,13 @@ def test_recl_script_matches_the_pure_function(tmp_path, capsys):
         want = recl(L, [0, 8, 16], r)
         assert [x["recl"] for x in res["recl"][f"{r:g}"]] == [w["recl"] for w in want]
         np.testing.assert_allclose([x["gains"] for x in res["recl"][f"{r:g}"]][0], want[0]["gains"], rtol=1e-9)
+        prof = gain_profile(L, r)
+        np.testing.assert_allclose(res["profile"][f"{r:g}"]["own"], prof["own"], rtol=1e-9, atol=1e-7)
+        assert res["profile"][f"{r:g}"]["min"][0][:len(want[0]["gains"])] == pytest.approx(want[0]["gains"])
     np.testing.assert_allclose(res["loss"], L.mean(-1), atol=1e-6)
+    saved = np.load(tmp_path / "l.npz")
+    np.testing.assert_allclose(saved["losses"], L, atol=1e-5)
+    assert saved["contexts"].tolist() == [0, 8, 16] and saved["models"].tolist() == ["A", "B"]
     assert math.isclose(res["ppl"][0][0], math.exp(res["loss"][0][0]), rel_tol=1e-4)
     assert (tmp_path / "recl.png").is_file()
 

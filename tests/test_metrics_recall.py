@@ -1,5 +1,5 @@
 """The synthetic long-range probe end to end: corpus structure, and a tiny Transformer-XL trained
-through the LightningModule that recalls a token 2 x tgt_len back with its memory and cannot
+through the LightningModule that recalls a token 3 x tgt_len back with its memory and cannot
 without it (the validation hook measures both)."""
 import json
 
@@ -53,17 +53,21 @@ def test_memory_recalls_beyond_the_segment_and_no_memory_cannot(tmp_path):
     pl.seed_everything(0, verbose=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threading costs more than it saves
-    T, D = 8, 16  # the payload is two segments back: only the memory (mem_len 16) can reach it
-    opts = {"distances": [D], "alphabet": 4, "values": 4, "gap": 4, "train_tokens": 60_000, "eval_tokens": 4_000}
+    T, D = 8, 24  # the payload is three segments back: only the memory (mem_len 24) can reach it
+    opts = {"distances": [D], "alphabet": 4, "values": 4, "gap": 4, "train_tokens": 60_000, "eval_tokens": 8_000}
     corpus = CorpusConfig(source="synthetic_recall", tokenizer="char", options=opts, cache_dir=str(tmp_path / "c"))
-    dm = TXLDataModule(corpus, batch_size=16, tgt_len=T, eval_batch_size=8)
+    # one evaluation stream: each stream starts with an empty memory, so a stream boundary cuts an
+    # episode from its source (with 8 streams 3-6 of the ~300 recalls, a 0.98 ceiling). Batch 32: ~9
+    # recalls a step (batch 16 learned it in 400 steps for one seed in two)
+    dm = TXLDataModule(corpus, batch_size=32, tgt_len=T, eval_batch_size=1)
     tok = dm.load().tokenizer
     seq = SeqNode(tgt_len=T, mem_len=D, eval_tgt_len=T, eval_mem_len=D)
-    cfg = TXLConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=32, n_head=2, d_head=16, d_inner=64,
+    cfg = TXLConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=64, n_head=2, d_head=32, d_inner=128,
                     seq=dict(tgt_len=T, mem_len=D))
-    module = TXLModule(cfg, OptimNode(lr=3e-3, scheduler="constant"), seq, max_steps=200, unit="char")
+    steps = 400
+    module = TXLModule(cfg, OptimNode(lr=3e-3, warmup_steps=40, scheduler="cosine"), seq, max_steps=steps, unit="char")
     module.val_hooks = build_val_hooks(MetricsNode(attention_batches=1), corpus, tok)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=200, val_check_interval=200,
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, val_check_interval=steps,
                          check_val_every_n_epoch=None, gradient_clip_val=0.25, logger=CSVLogger(str(tmp_path / "logs"), name="", version=""),
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, default_root_dir=str(tmp_path))
@@ -77,8 +81,10 @@ def test_memory_recalls_beyond_the_segment_and_no_memory_cannot(tmp_path):
     finally:
         torch.set_num_threads(threads)
     print(f"recall accuracy at D={D}: with memory {with_mem:.3f}, without {no_mem:.3f}")
-    assert with_mem > 0.9, with_mem
-    assert no_mem < 0.25 + 0.15, no_mem  # chance is 1 / values = 0.25
+    assert with_mem >= 0.99, with_mem
+    # chance is 1 / values = 0.25 (~300 recalls: sd 0.025); the argmax is over the whole vocabulary, so
+    # a model that cannot see the payload may also answer a letter (below chance), but not above it
+    assert no_mem <= 0.25 + 0.1, no_mem
     hist = [json.loads(x) for x in (tmp_path / "metrics" / "val.jsonl").read_text().splitlines()]
     assert [h["recall"]["by_distance"][0]["accuracy"] for h in hist] == pytest.approx([with_mem, no_mem])
     assert hist[1]["attention"]["layer_memory_mass"] == [0.0, 0.0]

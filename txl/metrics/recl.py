@@ -99,14 +99,29 @@ def hard_tokens(baseline: np.ndarray, r: float) -> np.ndarray:
     return np.argsort(-baseline, kind="stable")[:k]
 
 
-def relative_gain(losses: np.ndarray, i: int, c: int, c2: int, r: float) -> float:
-    """g_i(contexts[c], contexts[c2]) over the group `losses` [N, C, n_tokens] (indices c, c2)."""
+def relative_gain(losses: np.ndarray, i: int, c: int, c2: int, r: float, credit: str = "min") -> float:
+    """g_i(contexts[c], contexts[c2]) over the group `losses` [N, C, n_tokens] (indices c, c2).
+    credit "min" is the paper's: min(b, l_i(c')) against the baseline b. "own" is a diagnostic on
+    the same hard tokens T(c): model i's own mean loss at c' against its own at c (no per-token min,
+    no group baseline), so a token that gets worse counts against the model."""
+    _need(credit in ("min", "own"), f"credit: 'min' or 'own', got {credit!r}")
     losses = _check(losses)
     b = losses[:, c].min(0)  # (n_tokens,) baseline at the short context
     T = hard_tokens(b, r)
+    if credit == "own":
+        return 1.0 - math.exp(losses[i, c2, T].mean() - losses[i, c, T].mean())
     f_short = b[T].mean()  # f_i(c, c): the baseline itself
     f_long = np.minimum(b[T], losses[i, c2, T]).mean()
     return 1.0 - math.exp(f_long - f_short)
+
+
+def gain_profile(losses: np.ndarray, r: float) -> dict:
+    """Every step's relative gain for every model, not stopping at the threshold:
+    {'min': [N][C-1] (the paper's credit), 'own': [N][C-1] (each model's own change, no min)}."""
+    losses = _check(losses)
+    N, C, _ = losses.shape
+    return {k: [[relative_gain(losses, i, c, c + 1, r, k) for c in range(C - 1)] for i in range(N)]
+            for k in ("min", "own")}
 
 
 def recl(losses: np.ndarray, contexts: Sequence[int], r: float, threshold: float = 0.01) -> List[dict]:
