@@ -84,6 +84,7 @@ class TransformerXL(nn.Module):
             raise ValueError(f"unknown length field(s) {sorted(unknown)}; valid: {[f.name for f in fields(SeqConfig)]}")
         self.cfg.seq = replace(self.cfg.seq, **kw)  # re-validates
 
+    @torch.compiler.disable  # eager under torch.compile: dynamo cannot trace the layer-at-a-time generator
     def init_mems(self, batch_size: int, projected: bool = False, store: str = "auto",
                   rolling: bool = False) -> Memory:
         """The first segment's memory, the one place its kind is chosen: hidden states, or with
