@@ -145,7 +145,7 @@ def test_cmem_recall_script_arguments_and_a_two_step_run(tmp_path, capsys):
             s.parse(bad)
         assert needle in capsys.readouterr().err, bad
     assert [sum(s.lengths(m, 16)) for m in s.MODELS] == [16, 16, 8]  # equal attention cost, then half
-    doc = s.main(["--steps", "2", "--seeds", "0", "--models", "txl,cmem", "--distances", "6,20", "--tgt", "4",
+    doc = s.main(["--steps", "2", "--seeds", "0", "--models", "txl,cmem", "--mix", "--distances", "6,20", "--tgt", "4",
                   "--mem", "8", "--train-tokens", "3000", "--eval-tokens", "1000", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "cmem_recall.json").read_text())["table"] == doc["table"]
     assert [(r["model"], r["mem_len"], r["cmem_len"]) for r in doc["results"]] == [("txl", 8, 0), ("cmem", 4, 4)]
@@ -161,3 +161,7 @@ def test_cmem_recall_script_arguments_and_a_two_step_run(tmp_path, capsys):
         for r in doc["results"]:
             assert r["n"][d] == n > 0 and 0 <= r["accuracy"][d] <= 1
     assert "| compressive, mem 4 + cmem 4, c = 3 | 12 |" in doc["table"]
+    one = s.main(["--steps", "2", "--seeds", "0", "--models", "cmem", "--distances", "6,20", "--tgt", "4",
+                  "--mem", "8", "--train-tokens", "3000", "--eval-tokens", "1000", "--out", str(tmp_path / "d")])
+    (r,) = one["results"]  # default: one model per D, gathered in one row
+    assert sorted(r["accuracy"]) == [6, 20] and len(r["val_loss"]) == 2
