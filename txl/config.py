@@ -184,6 +184,7 @@ class MetricsNode:
     plots: bool = True  # PNGs next to the JSON
     context_sweep: Any = None  # txl-eval: null | auto | [eval_mem_len, ...] (auto: 0, tgt/2, tgt, 2tgt, ...)
     sweep_max: Optional[int] = None  # auto: largest memory (default max(4 tgt_len, 2 mem_len))
+    cmem_sweep: Any = None  # txl-eval, memory=compressive: null | auto | [cmem_len, ...] (auto: 0, C/2, C, 2C)
     threshold: float = 0.01  # effective context: the next context must gain this relative perplexity
     attention_maps: bool = False  # PNG heat maps of one segment's attention (txl/metrics/attention_maps.py)
     attention_maps_segment: int = 1  # ... of this segment of the stream (0: the first, without memory)
@@ -197,12 +198,12 @@ class MetricsNode:
         _need(0 < self.threshold < 1, f"metrics.threshold must be in (0, 1), got {self.threshold}")
         _need(self.sweep_max is None or self.sweep_max >= 1, f"metrics.sweep_max must be >= 1, got {self.sweep_max}")
         _need(self.final_sweep_tokens >= 0, f"metrics.final_sweep_tokens must be >= 0, got {self.final_sweep_tokens}")
-        for k in ("context_sweep", "final_sweep"):
+        for k, what in (("context_sweep", "eval_mem_len"), ("final_sweep", "eval_mem_len"), ("cmem_sweep", "cmem_len")):
             cs = getattr(self, k)
             if cs is not None and cs != "auto":
                 from txl.metrics.recl import parse_contexts
                 setattr(self, k, parse_contexts(list(cs) if not isinstance(cs, str) else cs,
-                                                where=f"metrics.{k} ('auto' or a list of eval_mem_len >= 0)"))
+                                                where=f"metrics.{k} ('auto' or a list of {what} >= 0)"))
 
 
 def _unresolved_model() -> TXLConfig:
@@ -252,8 +253,12 @@ class EvalNode:
     # true: a document's tokens see nothing of the documents before it (txl.evaluate.DocBoundaries)
     reset_mems_at_doc: bool = False
     progress: Optional[bool] = None  # the bar on stderr (tokens/s, running ppl); null: when stderr is a TTY
+    # memory=compressive: compressed slots kept at evaluation (None: the checkpoint's cmem_len; 0: none)
+    cmem_len: Optional[int] = None
 
     def __post_init__(self):
+        _need(self.cmem_len is None or self.cmem_len >= 0,
+              f"eval.cmem_len must be >= 0 (compressed slots; null: the checkpoint's own), got {self.cmem_len}")
         _need(self.mems in ("projected", "hidden"), f"eval.mems must be projected|hidden, got {self.mems!r}")
         _need(self.mem_dtype in ("auto", "fp32", "bf16", "int8"),
               f"eval.mem_dtype must be auto|fp32|bf16|int8, got {self.mem_dtype!r}")

@@ -10,6 +10,8 @@ Prints one JSON line {"tokens","loss","ppl","bpc","tgt_len","mem_len",...,"metri
     txl-eval ckpt_path=... metrics.context_sweep=auto       # or [0,64,128,256]: ppl per eval_mem_len,
                                                             # effective context; table on stderr,
                                                             # context_sweep.json / .png next to eval.json
+    txl-eval ckpt_path=... eval.cmem_len=16 metrics.cmem_sweep=auto   # memory=compressive: slots kept;
+                                                            # ppl per cmem_len -> cmem_sweep.json / .png
 """
 from __future__ import annotations
 
@@ -37,28 +39,57 @@ def sweep_contexts(mcfg, tgt_len: int, mem_len: int) -> Optional[list]:
     return parse_contexts(mcfg.context_sweep, tgt_len, mem_len, mcfg.sweep_max, where="metrics.context_sweep")
 
 
-def run_sweep(c, model, tokens, tgt_len: int, mem_len: int, same: bool, contexts: list, tok_losses, unit,
-              out_dir: Path, progress: bool = False, doc_starts=None) -> dict:
-    """Score the text at every memory length; the table goes to stderr (stdout keeps one JSON line),
-    context_sweep.json / .png next to eval.json; returns the compact result for that line."""
+def sweep_cmem(mcfg, cmem_len: Optional[int]) -> Optional[list]:
+    """metrics.cmem_sweep -> the cmem_len values to score (None: no sweep); cmem_len: the evaluation's
+    slot count (None: the model is not compressive)."""
+    if not mcfg.enabled or mcfg.cmem_sweep is None:
+        return None
+    if cmem_len is None:
+        raise ValueError("metrics.cmem_sweep: this checkpoint's memory is not compressive (no compressed slots "
+                         "to sweep); sweep its memory with metrics.context_sweep")
+    if mcfg.cmem_sweep == "auto":
+        if cmem_len < 1:
+            raise ValueError("metrics.cmem_sweep=auto: needs eval.cmem_len >= 1 (it sweeps 0, C/2, C, 2C); "
+                             "give the values, e.g. metrics.cmem_sweep=[0,16,32]")
+        from txl.metrics.recl import auto_cmem_lens
+        return auto_cmem_lens(cmem_len)
+    return list(mcfg.cmem_sweep)  # checked when the config was built (MetricsNode)
+
+
+# what each sweep varies -> (file stem, table column, plot's x label, what its ECL is called)
+SWEEP_NAMES = {"mem_len": ("context_sweep", "eval_mem_len", "evaluation memory length (eval_mem_len)",
+                           "effective context"),
+               "cmem_len": ("cmem_sweep", "cmem_len", "compressed slots at evaluation (cmem_len)",
+                            "effective compressed memory")}
+
+
+def run_sweep(c, model, tokens, tgt_len: int, same: bool, values: list, reuse, unit, out_dir: Path,
+              over: str = "mem_len", progress: bool = False, doc_starts=None) -> dict:
+    """Score the text at every memory length (over='mem_len') or compressed slot count
+    ('cmem_len'); the table goes to stderr (stdout keeps one JSON line), <stem>.json / .png next to
+    eval.json; returns the compact result for that line. reuse: {value: per-token losses}."""
     from txl.metrics.context import summarize_sweep, sweep
     from txl.metrics.plots import plot_sweep
     from txl.metrics.recl import sweep_table
-    reuse = {mem_len: tok_losses.values()} if tok_losses is not None else None
-    res = sweep(model, tokens, tgt_len, contexts, c.eval.batch_size, c.eval.warmup_tokens, c.eval.precision,
-                same_length=same, reuse=reuse, progress=progress, doc_starts=doc_starts)
+    stem, col, xlabel, ecl_name = SWEEP_NAMES[over]
+    res = sweep(model, tokens, tgt_len, values, c.eval.batch_size, c.eval.warmup_tokens, c.eval.precision,
+                same_length=same, reuse=reuse, progress=progress, over=over, doc_starts=doc_starts)
     full = summarize_sweep(res, c.metrics.threshold)
-    full.update(tgt_len=tgt_len, same_length=same, ckpt=str(c.ckpt_path))
+    full.update(over=over, tgt_len=tgt_len, same_length=same, ckpt=str(c.ckpt_path))
+    if over == "cmem_len":
+        full.update(mem_len=model.seq.mem_len, compression_rate=model.compressor.rate)
     e = full["ecl"]
-    print(sweep_table(full["contexts"], full["loss"], unit), file=sys.stderr)
-    print(f"effective context (relative ppl gain < {e['threshold']:g} per step): "
+    print(sweep_table(full["contexts"], full["loss"], unit, name=col), file=sys.stderr)
+    print(f"{ecl_name} (relative ppl gain < {e['threshold']:g} per step): "
           f"{e['ecl']}{'+' if e['saturated'] else ''}", file=sys.stderr, flush=True)
-    atomic_write_text(out_dir / "context_sweep.json", json.dumps(full, indent=2) + "\n")
+    atomic_write_text(out_dir / f"{stem}.json", json.dumps(full, indent=2) + "\n")
     if c.metrics.plots:
-        plot_sweep({"model": (full["contexts"], full["loss"])}, out_dir / "context_sweep.png", {"model": e["ecl"]},
-                   title=f"context sweep (tgt_len {tgt_len})")
-    return {"mem_len": full["contexts"], "loss": full["loss"], "ppl": full["ppl"], "ecl": e["ecl"],
-            "ecl_saturated": e["saturated"], "file": str(out_dir / "context_sweep.json")}
+        title = f"{stem.replace('_', ' ')} (tgt_len {tgt_len}" + (f", mem_len {model.seq.mem_len})"
+                                                                  if over == "cmem_len" else ")")
+        plot_sweep({"model": (full["contexts"], full["loss"])}, out_dir / f"{stem}.png", {"model": e["ecl"]},
+                   title=title, xlabel=xlabel)
+    return {over: full["contexts"], "loss": full["loss"], "ppl": full["ppl"], "ecl": e["ecl"],
+            "ecl_saturated": e["saturated"], "file": str(out_dir / f"{stem}.json")}
 
 
 def load_text_tokens(path: str, tok, max_tokens=None, with_docs: bool = False):
@@ -112,6 +143,10 @@ def run(cfg: DictConfig) -> dict:
     clamp = c.seq.eval_clamp_len if c.seq.eval_clamp_len is not None else saved.get("eval_clamp_len", ms.clamp_len)
     same = c.seq.eval_same_length if c.seq.eval_same_length is not None else saved.get("eval_same_length", ms.same_length)
     model.set_lengths(tgt_len=tgt, mem_len=mem, clamp_len=clamp, same_length=same, ext_len=0)
+    if c.eval.cmem_len is not None:  # memory=compressive only (refused in one line otherwise)
+        model.set_cmem_len(c.eval.cmem_len, where="eval.cmem_len")
+    cmem = model.cmem_len  # None: not a compressive model
+    sweep_c = sweep_cmem(c.metrics, cmem)  # before any work: a wrong sweep must not cost an evaluation
     if tok_state is None:  # e.g. txl-convert --original without --vocab
         raise ValueError(f"ckpt_path: {c.ckpt_path} carries no vocabulary, so no text can be tokenized for it "
                          f"(txl-convert --vocab adds the original's)")
@@ -144,17 +179,20 @@ def run(cfg: DictConfig) -> dict:
     dcfg = ck.get("txl", {}).get("data") or {}
     metrics = build_metrics(c.metrics, dcfg.get("source"), dcfg.get("options"), tok)
     sweep_ctx = sweep_contexts(c.metrics, tgt, mem)
-    tok_losses = TokenLosses() if sweep_ctx and mem in sweep_ctx else None
+    # the main pass's per-token losses stand for the sweeps' entry at its own setting
+    tok_losses = TokenLosses() if (sweep_ctx and mem in sweep_ctx) or (sweep_c and cmem in sweep_c) else None
     unit = getattr(tok, "unit", None) if tok is not None else None
+    docs = doc_starts if c.eval.reset_mems_at_doc else None  # the main pass and the sweeps alike
     res = evaluate_tokens(model, tokens, tgt, mem, c.eval.batch_size, c.eval.warmup_tokens, c.eval.precision,
                           progress=progress, hooks=metrics + ([tok_losses] if tok_losses else []),
                           projected_mems=c.eval.mems == "projected", mem_dtype=c.eval.mem_dtype,
-                          doc_starts=doc_starts if c.eval.reset_mems_at_doc else None, unit=unit)
+                          doc_starts=docs, unit=unit)
     bits = round(res["loss"] / LN2, 6) if unit else None  # bits per byte (bpb) or per char (bpc)
     out = {"tokens": res["tokens"], "loss": round(res["loss"], 6), "ppl": round(res["ppl"], 4),
            **({"bpb": bits} if unit == "byte" else {}),
            "bpc": bits, "unit": unit,  # byte corpora: "bpc" = bpb, an alias kept for one release
-           "tgt_len": res["tgt_len"], "mem_len": mem, "clamp_len": clamp, "same_length": same,
+           "tgt_len": res["tgt_len"], "mem_len": mem, **({"cmem_len": cmem} if cmem is not None else {}),
+           "clamp_len": clamp, "same_length": same,
            "batch_size": c.eval.batch_size, "warmup_tokens": c.eval.warmup_tokens,
            "reset_mems_at_doc": c.eval.reset_mems_at_doc, "documents": n_docs,
            "tokens_per_s": res["tokens_per_s"], "seconds": res["seconds"],
@@ -164,9 +202,15 @@ def run(cfg: DictConfig) -> dict:
         if c.metrics.plots:
             draw([{"step": "eval", **out["metrics"]}], path.parent, "eval")
         draw_metrics(metrics, path.parent, "eval")  # metrics.attention_maps: eval_attention_*.png
+    own = tok_losses.values() if tok_losses is not None else None
     if sweep_ctx:  # the same text once per memory length: ppl table, effective context length
-        out["context_sweep"] = run_sweep(c, model, tokens, res["tgt_len"], mem, same, sweep_ctx, tok_losses, unit,
-                                         path.parent, progress, doc_starts if c.eval.reset_mems_at_doc else None)
+        out["context_sweep"] = run_sweep(c, model, tokens, res["tgt_len"], same, sweep_ctx,
+                                         {mem: own} if own is not None else None, unit, path.parent,
+                                         progress=progress, doc_starts=docs)
+    if sweep_c:  # ... once per number of compressed slots, at this mem_len
+        out["cmem_sweep"] = run_sweep(c, model, tokens, res["tgt_len"], same, sweep_c,
+                                      {cmem: own} if own is not None else None, unit, path.parent, over="cmem_len",
+                                      progress=progress, doc_starts=docs)
     atomic_write_text(path, json.dumps(out, indent=2) + "\n")
     print(json.dumps(out), flush=True)
     return out

@@ -1,4 +1,5 @@
-"""Context sweep: the same text scored with several evaluation memory lengths.
+"""Context sweep: the same text scored with several evaluation memory lengths (or, for a
+memory=compressive model, several numbers of compressed slots: `over='cmem_len'`).
 
 `TokenLosses` is an evaluate_tokens hook that keeps every scored token's NLL in text order, so
 sweeps of several models line up token by token (the per-token loss matrices RECL needs).
@@ -39,34 +40,50 @@ class TokenLosses:
         return nll[keep].numpy()  # boolean indexing reads row-major: text order
 
 
+SWEEPS = ("mem_len", "cmem_len")  # what a sweep varies: eval_mem_len, or a compressive model's slots
+
+
 def sweep(model, tokens, tgt_len: int, contexts: Sequence[int], batch_size: int = 1, warmup_tokens: int = 0,
           precision: str = "32", same_length: bool = False, reuse: Optional[dict] = None,
-          progress: bool = False, doc_starts=None) -> dict:
-    """Score `tokens` once per memory length in `contexts` -> {'contexts', 'loss', 'tokens',
-    'token_losses' [n_contexts, n_tokens]}. reuse: {mem_len: per-token losses} already measured.
-    same_length is switched off for mem_len 0 (it needs a memory to equalise). doc_starts: as
-    evaluate_tokens' (each document scored without the ones before it)."""
+          progress: bool = False, over: str = "mem_len", doc_starts=None) -> dict:
+    """Score `tokens` once per value in `contexts` -> {'contexts', 'loss', 'tokens',
+    'token_losses' [n_contexts, n_tokens]}. reuse: {value: per-token losses} already measured.
+    over='mem_len': the values are memory lengths (same_length is switched off for mem_len 0: it
+    needs a memory to equalise); over='cmem_len': compressed slots of a memory=compressive model
+    (TransformerXL.set_cmem_len), at the model's current mem_len. The model's lengths and slot count
+    are restored afterwards. doc_starts: as evaluate_tokens' (each document scored without the ones
+    before it)."""
     from dataclasses import asdict
+    if over not in SWEEPS:
+        raise ValueError(f"sweep: over must be one of {SWEEPS}, got {over!r}")
     rows, losses = [], []
-    saved = asdict(model.seq)
-    for c in contexts:
-        if reuse and c in reuse:
-            v = reuse[c]
-        else:
-            model.set_lengths(same_length=same_length and c > 0, mem_len=c)
-            h = TokenLosses()
-            evaluate_tokens(model, tokens, tgt_len, c, batch_size, warmup_tokens, precision, progress, hooks=[h],
-                            doc_starts=doc_starts)
-            v = h.values()
-        rows.append(v)
-        losses.append(float(v.mean()) if len(v) else math.nan)
-        if progress:
-            import sys
-            print(f"context sweep: eval_mem_len={c} loss={losses[-1]:.4f}", file=sys.stderr, flush=True)
-    model.set_lengths(**saved)
+    saved, saved_c = asdict(model.seq), model.cmem_len
+    try:
+        for c in contexts:
+            if reuse and c in reuse:
+                v = reuse[c]
+            else:
+                if over == "mem_len":
+                    model.set_lengths(same_length=same_length and c > 0, mem_len=c)
+                else:
+                    model.set_cmem_len(c)
+                h = TokenLosses()
+                evaluate_tokens(model, tokens, tgt_len, model.seq.mem_len, batch_size, warmup_tokens, precision,
+                                progress, hooks=[h], doc_starts=doc_starts)
+                v = h.values()
+            rows.append(v)
+            losses.append(float(v.mean()) if len(v) else math.nan)
+            if progress:
+                import sys
+                what = "context sweep: eval_mem_len" if over == "mem_len" else "cmem sweep: cmem_len"
+                print(f"{what}={c} loss={losses[-1]:.4f}", file=sys.stderr, flush=True)
+    finally:
+        model.set_lengths(**saved)
+        if saved_c is not None:
+            model.set_cmem_len(saved_c)
     n = {len(v) for v in rows}
     if len(n) != 1:
-        raise ValueError(f"context sweep: passes scored different token counts {sorted(n)}")
+        raise ValueError(f"{over} sweep: passes scored different token counts {sorted(n)}")
     return {"contexts": list(contexts), "loss": losses, "tokens": n.pop(), "token_losses": np.stack(rows)}
 
 

@@ -115,7 +115,8 @@ def plot_recall(records: Sequence[dict], path, chance: Optional[float] = None) -
     return _save(fig, path)
 
 
-def plot_sweep(curves: dict, path, marks: Optional[dict] = None, title: str = "context sweep") -> str:
+def plot_sweep(curves: dict, path, marks: Optional[dict] = None, title: str = "context sweep",
+               xlabel: str = "evaluation memory length (eval_mem_len)") -> str:
     """curves: {name: (contexts, losses)}; marks: {name: context} (ECL / RECL) drawn as dots.
     x is symlog so that context 0 fits."""
     fig = Figure(figsize=(6.4, 4.0))
@@ -126,7 +127,7 @@ def plot_sweep(curves: dict, path, marks: Optional[dict] = None, title: str = "c
             c = marks[name]
             ax.plot([c], [math.exp(L[list(ctx).index(c)])], "*", ms=14, color=line.get_color())
     ax.set_xscale("symlog", linthresh=max(1, min([c for ctx, _ in curves.values() for c in ctx if c > 0] or [1])))
-    ax.set_xlabel("evaluation memory length (eval_mem_len)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("perplexity")
     ax.set_title(title + (" (star: effective context)" if marks else ""))
     ax.grid(alpha=0.3)

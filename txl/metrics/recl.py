@@ -49,6 +49,13 @@ def auto_contexts(tgt_len: int, mem_len: int, max_len: Optional[int] = None) -> 
     return sorted(set(out))
 
 
+def auto_cmem_lens(cmem_len: int) -> List[int]:
+    """metrics.cmem_sweep=auto: 0 (the same weights as a Transformer-XL of the same mem_len: what
+    the slots buy), cmem_len / 2 and cmem_len (how much of the trained slot budget is used), 2 cmem_len
+    (slots at distances never seen in training: does more compressed memory still help?)."""
+    return sorted({0, cmem_len // 2, cmem_len, 2 * cmem_len})
+
+
 def parse_contexts(spec: Union[str, Sequence[int]], tgt_len: int = 0, mem_len: int = 0,
                    max_len: Optional[int] = None, where: str = "contexts") -> List[int]:
     """'auto' | '0,64,128' | [0, 64, 128] -> sorted distinct ints >= 0 (at least two)."""
@@ -155,9 +162,10 @@ def recl_table(names: Sequence[str], results: dict) -> str:
     return "\n".join(lines)
 
 
-def sweep_table(contexts: Sequence[int], losses: Sequence[float], unit: Optional[str] = None) -> str:
-    """Markdown table of a context sweep: memory length, loss, ppl (and bits per unit)."""
-    head = "| eval_mem_len | loss | ppl |" + (f" bp{unit[0]} |" if unit else "")
+def sweep_table(contexts: Sequence[int], losses: Sequence[float], unit: Optional[str] = None,
+                name: str = "eval_mem_len") -> str:
+    """Markdown table of a sweep: the swept length (`name`), loss, ppl (and bits per unit)."""
+    head = f"| {name} | loss | ppl |" + (f" bp{unit[0]} |" if unit else "")
     lines = [head, "|---:|---:|---:|" + ("---:|" if unit else "")]
     for c, l in zip(contexts, losses):
         lines.append(f"| {c} | {l:.4f} | {math.exp(min(l, 700)):.3f} |" + (f" {l / math.log(2):.4f} |" if unit else ""))

@@ -142,10 +142,14 @@ class Compressor(nn.Module):
         cm, keep, recon = [], [], []
         want = (blocks is not None and self.weight > 0 and torch.is_grad_enabled()
                 and any(p.requires_grad for p in self.parameters()))
+        # cmem_len 0 (an evaluation setting, TransformerXL.set_cmem_len): no slots, so rows leave one
+        # at a time and are dropped -- exactly the memory of a Transformer-XL with this mem_len
+        rate = self.rate if self.cmem_len else 1
         for i, h in enumerate(new):
             old_c, mem = mems.split(i)
-            kept, out = evict_rows(mem, h, mem_len, ext_len, self.rate)
-            if out.size(1):
+            kept, out = evict_rows(mem, h, mem_len, ext_len, rate)
+            old_c = old_c[:, old_c.size(1) - min(old_c.size(1), self.cmem_len):]  # the newest cmem_len slots
+            if out.size(1) and self.cmem_len:
                 if want:
                     slots = self.compress(i, out)  # with the graph into the compression weights only
                     hq = h.detach()
@@ -155,7 +159,8 @@ class Compressor(nn.Module):
                 else:
                     with torch.no_grad():
                         slots = self.compress(i, out)
-                old_c = torch.cat([old_c.to(slots.dtype), slots], dim=1)[:, -self.cmem_len:]
+                old_c = torch.cat([old_c.to(slots.dtype), slots], dim=1)
+                old_c = old_c[:, old_c.size(1) - min(old_c.size(1), self.cmem_len):]
             cm.append(old_c.detach())
             keep.append(kept)
         n = cm[0].size(1)

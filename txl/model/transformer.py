@@ -84,6 +84,22 @@ class TransformerXL(nn.Module):
             raise ValueError(f"unknown length field(s) {sorted(unknown)}; valid: {[f.name for f in fields(SeqConfig)]}")
         self.cfg.seq = replace(self.cfg.seq, **kw)  # re-validates
 
+    @property
+    def cmem_len(self) -> Optional[int]:
+        """Compressed slots kept (memory=compressive), None for any other memory."""
+        return self.compressor.cmem_len if self.compressor is not None else None
+
+    def set_cmem_len(self, n: int, where: str = "cmem_len") -> None:
+        """The number of compressed slots kept from now on (an evaluation setting: the trained
+        compression is unchanged; 0: none, the model is then a Transformer-XL with its mem_len).
+        memory=compressive only; `where` names the setting in the error."""
+        if self.compressor is None:
+            raise ValueError(f"{where}: this model has memory kind {self.cfg.memory.kind!r}, not compressive "
+                             "(it has no compressed memory to size)")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{where}: an integer >= 0 (compressed slots), got {n!r}")
+        self.compressor.cmem_len = n
+
     @torch.compiler.disable  # eager under torch.compile: dynamo cannot trace the layer-at-a-time generator
     def init_mems(self, batch_size: int, projected: bool = False, store: str = "auto",
                   rolling: bool = False) -> Memory:
