@@ -23,7 +23,8 @@ Fairness rules (what makes the ratios mean something):
 Tokens per step = batch * tgt_len (every input position is processed; both score tgt_len - 1).
 Memory: peak_rss_mb = ru_maxrss of the process (interpreter + libraries + weights + workload);
 workload_mb = the peak above the resident size just before the first step (VmHWM after a reset),
-i.e. what the implementation needs for the workload itself.
+i.e. what the implementation needs for the workload itself; both run with the same fixed glibc malloc
+thresholds (MALLOC_ENV), so that freed memory is returned and the figure is reproducible.
 """
 from __future__ import annotations
 
@@ -266,8 +267,18 @@ def make_weights(w: dict, out_dir: str) -> None:
         tr.TransfoXLLMHeadModel(tr.TransfoXLConfig(**hf_config(w))).save_pretrained(out_dir, safe_serialization=True)
 
 
+# glibc's malloc by default raises its mmap threshold after large frees and keeps freed heap pages: how
+# much freed memory a process still holds then depends on the order of its allocations, and measured
+# workload memory varied by up to ~200 MB between identical runs. Fixed thresholds (the same for both
+# implementations) return every large block on free, so workload_mb is the high-water mark of what is
+# live: reproducible to ~0.1 MB here. A caller's own MALLOC_* settings are kept.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
 def child(argv: list) -> dict:
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], capture_output=True, text=True)
+    env = {**MALLOC_ENV, **os.environ}
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], capture_output=True, text=True,
+                       env=env)
     if p.returncode != 0:
         raise RuntimeError(f"bench child {' '.join(argv)} failed:\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])

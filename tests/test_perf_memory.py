@@ -140,7 +140,8 @@ def test_init_in_store_equals_storing_after(store):
 @pytest.mark.parametrize("ext_len", [0, 2])
 def test_rolling_memory_equals_the_pure_update_and_lets_the_old_rows_go(projected, store, ext_len):
     """A rolling memory (updated in place, a layer at a time) gives the same losses and memories as
-    the pure update, returns the object it was given, and no old layer tensor survives the step."""
+    the pure update, returns the object it was given, and no old layer tensor survives the step:
+    a full memory (ext_len 0) is shifted in place (the same tensors), any other is replaced."""
     import weakref
     model = _model(mem_len=12)
     model.set_lengths(ext_len=ext_len)
@@ -152,13 +153,30 @@ def test_rolling_memory_equals_the_pure_update_and_lets_the_old_rows_go(projecte
         for s in range(0, 36, 4):
             a = model(x[:, s:s + 4], mems=pure, labels=y[:, s:s + 4])
             old = [weakref.ref(m) for m in roll.layers] if s else []  # the zeros of `empty` init may be shared
+            in_place = bool(s) and not ext_len and roll.layers[0].size(1) == 12  # full: roll_rows_
+            before = [m.data_ptr() for m in roll.layers + (roll.scales or [])]
             b = model(x[:, s:s + 4], mems=roll, labels=y[:, s:s + 4])
             assert b.mems is roll and a.mems is not pure
             torch.testing.assert_close(b.nll, a.nll, rtol=0, atol=0)
             for m, n in zip(a.mems.layers + (a.mems.scales or []), roll.layers + (roll.scales or [])):
                 torch.testing.assert_close(n, m, rtol=0, atol=0)
-            assert all(r() is None for r in old), "an old memory layer is still referenced"
+            if in_place:
+                assert before == [m.data_ptr() for m in roll.layers + (roll.scales or [])]  # the same storage
+            else:
+                assert all(r() is None for r in old), "an old memory layer is still referenced"
             pure = a.mems
+
+
+@pytest.mark.parametrize("M,T", [(12, 4), (12, 5), (7, 7), (9, 1)])
+def test_roll_rows_in_place_equals_update_mems(M, T):
+    from txl.model.memory import roll_rows_, update_mems
+    g = torch.Generator().manual_seed(M * 10 + T)
+    mem, new = torch.randn(2, M, 3, generator=g), torch.randn(2, T, 3, generator=g)
+    want = update_mems([new], [mem.clone()], M)[0]
+    ptr = mem.data_ptr()
+    got = roll_rows_(mem, new)
+    assert got is mem and mem.data_ptr() == ptr
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_evaluate_tokens_is_unchanged_by_the_rolling_memory():

@@ -22,8 +22,8 @@ changes; only the memory held between segments shrinks (bf16 2x, int8 ~4x).
 
 Rolling (`rolling=True`, inference): the model updates the memory in place, each layer right after
 that layer has read it, and returns the same object. The old and the new memory then never coexist
-(the high-water mark is the memory plus one layer, not twice the memory), which matters when the
-memory is long; the price is that the memory handed in is consumed (nobody may read it afterwards:
+(the high-water mark is the memory plus one layer, not twice the memory; once full, a layer is
+shifted in place, roll_rows_, so not even one layer is held twice), which matters when the memory is long; the price is that the memory handed in is consumed (nobody may read it afterwards:
 metrics that re-run a segment on its input memory need the pure update). A compressive memory is
 updated by its compressor and is never rolling.
 """
@@ -59,6 +59,20 @@ def update_mems(hids: list[torch.Tensor], mems: list[torch.Tensor], mem_len: int
     # one copy: the kept tail of the old memory and the kept head of the segment, concatenated
     return [torch.cat([m[:, beg:].to(h.dtype), h[:, max(0, beg - M): end - M]], dim=1).detach()
             for h, m in zip(hids, mems)]
+
+
+@torch.no_grad()
+def roll_rows_(mem: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """In place: mem (B, M, X) <- the last M rows of [mem + new], new (B, T, X) with T <= M, the same
+    dtype: update_mems' result for a full memory and ext_len 0, with no second (B, M, X) buffer. The
+    kept rows move T places forward in blocks of T rows (source and destination of one copy never
+    overlap, and front-to-back each block is read before it is overwritten), then new fills the tail."""
+    M, T = mem.size(1), new.size(1)
+    for j in range(0, M - T, T):
+        n = min(T, M - T - j)
+        mem[:, j:j + n].copy_(mem[:, j + T:j + T + n])
+    mem[:, M - T:].copy_(new)
+    return mem
 
 
 STORES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
@@ -166,12 +180,23 @@ class Memory(Sequence):
         is what keys_values returned for this segment. Stored rows are never re-encoded: only the
         segment's new rows are cast / quantized, then concatenated; the old tensor is let go."""
         new = new.detach()
+        scale = None
         if self.store == "int8":
             new, scale = quantize_rows(new)
-            self.scales[i] = update_mems([scale], [self.scales[i]], mem_len, ext_len)[0]
         elif STORES[self.store] is not None:
             new = new.to(STORES[self.store])
-        self.layers[i] = update_mems([new], [self.layers[i]], mem_len, ext_len)[0]
+        old = self.layers[i]
+        # a rolling memory owns its tensors: once full, shift it in place (no second copy of the layer)
+        if (self.rolling and not ext_len and old.size(1) == mem_len and 0 < new.size(1) <= mem_len
+                and new.dtype == old.dtype and not torch.is_grad_enabled()
+                and (torch.is_inference_mode_enabled() or not old.is_inference())):
+            roll_rows_(old, new)
+            if scale is not None:
+                roll_rows_(self.scales[i], scale)
+            return
+        if scale is not None:
+            self.scales[i] = update_mems([scale], [self.scales[i]], mem_len, ext_len)[0]
+        self.layers[i] = update_mems([new], [old], mem_len, ext_len)[0]
 
     def update(self, new: list[torch.Tensor], mem_len: int, ext_len: int = 0) -> "Memory":
         """new: per layer what keys_values returned for this segment, (B, T, X) -> the next memory:
