@@ -124,6 +124,24 @@ def test_evaluate_tokens_mem_dtype():
         EvalNode(mem_dtype="fp16")
 
 
+@pytest.mark.parametrize("mem_init", ["zeros", "empty"])
+@pytest.mark.parametrize("pre_lnorm", [False, True])
+def test_projected_init_equals_projecting_the_hidden_init(mem_init, pre_lnorm):
+    """init_mems(projected=True) builds the keys / values of the initial rows directly (one row
+    projected per layer): the same as projecting the hidden-state init."""
+    model = _model(mem_init=mem_init, pre_lnorm=pre_lnorm)
+    with torch.no_grad():  # a trained LayerNorm's bias: LN(0) then projects to non-zero keys
+        for block in model.blocks:
+            block.attn.ln.bias.normal_()
+    a, b = model.init_mems(3, projected=True), model.project_mems(model.init_mems(3))
+    assert type(a) is type(b) and len(a) == len(b) == model.cfg.n_layer
+    for x, y in zip(a.layers, b.layers):
+        assert x.shape == y.shape and x.is_contiguous()
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)  # one row vs B*M rows: GEMM rounding
+    if pre_lnorm and mem_init == "zeros":
+        assert a.layers[0].abs().sum() > 0  # LN(0) = its bias: non-zero keys, so the test can fail
+
+
 @pytest.mark.parametrize("store", ["bf16", "int8"])
 def test_init_in_store_equals_storing_after(store):
     """init_mems(store=...) builds the memory small a layer at a time: the same rows as converting after."""

@@ -112,11 +112,24 @@ class TransformerXL(nn.Module):
         if self.compressor is not None:
             return CompressiveMemory.init(self.cfg.n_layer, batch_size, self.cfg.d_model, self.seq.mem_len,
                                           self.cfg.mem_init, p.device, p.dtype, store=store)
-        mems = HiddenMemory.init(self.cfg.n_layer, batch_size, self.cfg.d_model, self.seq.mem_len,
-                                 self.cfg.mem_init, p.device, p.dtype, store)
-        mems = self.project_mems(mems) if projected else mems
+        if projected:  # keys / values of the initial rows, a layer at a time: no hidden-state memory is
+            # ever held beside them (it was the high-water mark: the whole hidden memory + the K/V memory)
+            mems = KVMemory(self._initial_kv(batch_size), store)
+        else:
+            mems = HiddenMemory.init(self.cfg.n_layer, batch_size, self.cfg.d_model, self.seq.mem_len,
+                                     self.cfg.mem_init, p.device, p.dtype, store)
         mems.rolling = rolling
         return mems
+
+    @torch.no_grad()
+    def _initial_kv(self, batch_size: int):
+        """Per layer the keys / values of the initial memory rows (B, M, 2NH): every row of `zeros` is
+        the same zero vector, so one row is projected and copied (pre-LayerNorm: LN(0) is its bias)."""
+        p = next(self.parameters())
+        M = self.seq.mem_len if self.cfg.mem_init == "zeros" else 0
+        for block in self.blocks:
+            row = block.attn.project_kv(torch.zeros(1, 1, self.cfg.d_model, device=p.device, dtype=p.dtype))
+            yield row.expand(batch_size, M, row.size(-1)).clone()
 
     def project_mems(self, mems) -> KVMemory:
         """A memory (or a list of (B, M, D) hidden states) -> its keys / values (B, M, 2NH) per layer."""
