@@ -110,6 +110,11 @@ class CompressedRelativeTerm(PositionTerm):
         return torch.cat([self._slots(scale), self.rel.scaled_dense(scale)], dim=-1)
 
 
+def newest(slots: torch.Tensor, n: int) -> torch.Tensor:
+    """The last n of (B, S, D) slots (all of them when S <= n; none for n = 0, unlike [:, -n:])."""
+    return slots[:, slots.size(1) - min(slots.size(1), n):]
+
+
 class Compressor(nn.Module):
     """The compression of a model with memory=compressive (one per model; conv: one kernel per layer)."""
 
@@ -148,7 +153,7 @@ class Compressor(nn.Module):
         for i, h in enumerate(new):
             old_c, mem = mems.split(i)
             kept, out = evict_rows(mem, h, mem_len, ext_len, rate)
-            old_c = old_c[:, old_c.size(1) - min(old_c.size(1), self.cmem_len):]  # the newest cmem_len slots
+            old_c = newest(old_c, self.cmem_len)
             if out.size(1) and self.cmem_len:
                 if want:
                     slots = self.compress(i, out)  # with the graph into the compression weights only
@@ -159,8 +164,7 @@ class Compressor(nn.Module):
                 else:
                     with torch.no_grad():
                         slots = self.compress(i, out)
-                old_c = torch.cat([old_c.to(slots.dtype), slots], dim=1)
-                old_c = old_c[:, old_c.size(1) - min(old_c.size(1), self.cmem_len):]
+                old_c = newest(torch.cat([old_c.to(slots.dtype), slots], dim=1), self.cmem_len)
             cm.append(old_c.detach())
             keep.append(kept)
         n = cm[0].size(1)
