@@ -73,6 +73,26 @@ def tiny_train_args(corpus_files, run_dir, *extra: str) -> list[str]:
             "trainer.limit_val_batches=4", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}", *extra]
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"txl_script_{name}", ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def eval_config(ckpt, text, run_dir, *overrides: str):
+    """txl-eval's composed config (conf/eval.yaml) for an in-process `txl.eval.run`."""
+    from hydra import compose, initialize_config_dir
+
+    from txl.config import register
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("eval", overrides=[f"ckpt_path={ckpt}", f"eval.text_file={text}", f"run_dir={run_dir}",
+                                          *overrides])
+
+
 def read_losses(run_dir) -> dict[int, str]:
     """step -> the train_loss string exactly as logged (equality, not closeness)."""
     import csv

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import eval_config
 from txl.checkpoint import save_model
 from txl.data import build_tokenizer
 from txl.eval import evaluate_tokens
 from txl.metrics.attention_maps import AttentionMaps, capture, distance_profile, draw_maps
 from txl.model import TransformerXL, TXLConfig, causal_mask
 
-ROOT = Path(__file__).resolve().parent.parent
 TEXT = "".join(f"def g{i}(y):\n    return y - {i % 9}\n" for i in range(12))
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -89,20 +89,13 @@ def test_attention_maps_metric_captures_the_chosen_segment(segment, want_M):
 
 
 def test_txl_eval_writes_attention_maps(tmp_path, capsys):
-    from hydra import compose, initialize_config_dir
-
-    from txl.config import register
     from txl.eval import run
     tok = build_tokenizer("char", TEXT)
     ckpt = tmp_path / "m.pt"
     save_model(ckpt, _model(tok), tok.state_dict())
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
-    register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("eval", overrides=[f"ckpt_path={ckpt}", f"eval.text_file={text}", f"run_dir={tmp_path}",
-                                         "metrics.attention_maps=true", "seq.eval_tgt_len=8"])
-    out = run(cfg)
+    out = run(eval_config(ckpt, text, tmp_path, "metrics.attention_maps=true", "seq.eval_tgt_len=8"))
     capsys.readouterr()
     s = out["metrics"]["attention_maps"]
     assert (s["segment"], s["layers"], s["heads"], s["queries"], s["memory"]) == (1, 2, 2, 8, 8)

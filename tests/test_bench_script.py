@@ -1,21 +1,16 @@
 """scripts/bench.py's own logic (the parent process never imports torch): how results become ratios
 and the Markdown table, and that every --all case names only options the command line has."""
 import argparse
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("txl_bench_script", ROOT / "scripts" / "bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench")
 
 
 def _row(impl, tok_s, rss, wl_mb, loss, **kw):

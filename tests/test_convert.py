@@ -679,10 +679,7 @@ def test_cli_out_exists_is_refused_unless_force(tmp_path, capsys):
 
 
 def test_eval_refuses_text_for_a_checkpoint_without_vocabulary(tmp_path):
-    from hydra import compose, initialize_config_dir
-
-    from conftest import ROOT
-    from txl.config import register
+    from conftest import eval_config
     from txl.eval import run
     model = _txl_model(untie_r=False, mem_init="empty")
     torch.save(_orig_state(model), tmp_path / "sd.pt")
@@ -690,10 +687,7 @@ def test_eval_refuses_text_for_a_checkpoint_without_vocabulary(tmp_path):
     assert main(["--original", str(tmp_path / "sd.pt"), "--config", str(tmp_path / "cfg.json"),
                  "--out", str(tmp_path / "m.pt")]) == 0
     (tmp_path / "t.txt").write_text("w1 w2\n" * 20)
-    register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("eval", overrides=[f"ckpt_path={tmp_path / 'm.pt'}", f"eval.text_file={tmp_path / 't.txt'}",
-                                         f"run_dir={tmp_path}"])
+    cfg = eval_config(tmp_path / "m.pt", tmp_path / "t.txt", tmp_path)
     with pytest.raises(ValueError, match="carries no vocabulary") as e:
         run(cfg)
     assert "\n" not in str(e.value) and not (tmp_path / "eval.json").exists()

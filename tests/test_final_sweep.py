@@ -1,22 +1,20 @@
 """metrics.final_sweep: the context sweep that ends txl-train is txl-eval's sweep with the released
 evaluation settings (same_length on except at memory 0, distances clamped), and recl.py --clamp-len."""
-import importlib.util
 import json
 from dataclasses import asdict
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import load_script
 from txl.config import MetricsNode
 from txl.data import build_tokenizer
 from txl.eval import evaluate_tokens
 from txl.metrics.final_sweep import after_training, default_clamp_len, final_sweep
 from txl.model import TransformerXL, TXLConfig
 
-ROOT = Path(__file__).resolve().parent.parent
 TEXT = "".join(f"def f{i % 13}(x):\n    return x * {i % 7} + g{i % 5}(x)\n" for i in range(40))
 
 
@@ -70,9 +68,7 @@ def test_recl_script_clamp_len(tmp_path, capsys):
     save_model(path, model, tok.state_dict())
     text = tmp_path / "t.txt"
     text.write_text(TEXT[:300])
-    spec = importlib.util.spec_from_file_location("recl_script", ROOT / "scripts" / "recl.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("recl")
     assert mod.main([str(path), "--text", str(text), "--contexts", "0,32", "--clamp-len", "4"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     model.set_lengths(clamp_len=4)

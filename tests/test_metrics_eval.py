@@ -1,13 +1,12 @@
 """txl-eval's metrics and context sweep, and scripts/recl.py, against in-process recomputation."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import eval_config, load_script
 from txl.checkpoint import save_model
 from txl.data import build_tokenizer
 from txl.eval import evaluate_tokens
@@ -15,7 +14,6 @@ from txl.metrics.context import TokenLosses
 from txl.metrics.recl import ecl, gain_profile, recl
 from txl.model import TransformerXL, TXLConfig
 
-ROOT = Path(__file__).resolve().parent.parent
 TEXT = "".join(f"def f{i}(x):\n    return x * {i % 7} + {i % 5}\n" for i in range(20))  # ~600 chars
 
 
@@ -44,18 +42,11 @@ def _token_losses(model, ids, mem):
 
 
 def test_eval_metrics_and_context_sweep(tmp_path, capsys):
-    from hydra import compose, initialize_config_dir
-
-    from txl.config import register
     from txl.eval import run
     ckpt, model, tok = _ckpt(tmp_path, "m", 0)
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
-    register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("eval", overrides=[f"ckpt_path={ckpt}", f"eval.text_file={text}", f"run_dir={tmp_path}",
-                                         "metrics.context_sweep=[0,8,16,32]"])
-    out = run(cfg)
+    out = run(eval_config(ckpt, text, tmp_path, "metrics.context_sweep=[0,8,16,32]"))
     lines = capsys.readouterr()
     assert json.loads(lines.out.strip().splitlines()[-1]) == json.loads(json.dumps(out))  # one JSON line, last
     assert "| eval_mem_len | loss | ppl |" in lines.err
@@ -76,20 +67,13 @@ def test_eval_metrics_and_context_sweep(tmp_path, capsys):
         assert (tmp_path / f).is_file(), f
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("recl_script", ROOT / "scripts" / "recl.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_recl_script_matches_the_pure_function(tmp_path, capsys):
     a, ma, tok = _ckpt(tmp_path, "a", 0)
     b, mb, _ = _ckpt(tmp_path, "b", 1)
     text = tmp_path / "t.txt"
     text.write_text(TEXT[:400])
     js = tmp_path / "recl.json"
-    rc = _script().main([a, b, "--text", str(text), "--contexts", "0,8,16", "--r", "0.5,1.0", "--names", "A,B",
+    rc = load_script("recl").main([a, b, "--text", str(text), "--contexts", "0,8,16", "--r", "0.5,1.0", "--names", "A,B",
                          "--json-out", str(js), "--png", str(tmp_path / "recl.png"), "--losses-out", str(tmp_path / "l.npz")])
     assert rc == 0
     out = capsys.readouterr().out
@@ -118,9 +102,9 @@ def test_recl_script_refuses_different_vocabularies(tmp_path, capsys):
     b, _, _ = _ckpt(tmp_path, "b", 0, text=TEXT + "QZ")
     text = tmp_path / "t.txt"
     text.write_text(TEXT[:200])
-    assert _script().main([a, b, "--text", str(text), "--contexts", "0,8"]) == 2
+    assert load_script("recl").main([a, b, "--text", str(text), "--contexts", "0,8"]) == 2
     assert "tokenizes the text differently" in capsys.readouterr().err
-    assert _script().main([a, "--text", str(text), "--r", "0"]) == 2
+    assert load_script("recl").main([a, "--text", str(text), "--r", "0"]) == 2
     assert "--r: values in (0, 1]" in capsys.readouterr().err
 
 

@@ -46,10 +46,8 @@ def test_zero_scored_tokens_is_an_error_not_a_perfect_score():
 def test_eval_run_zero_tokens_with_metrics_and_bits_per_byte_key(tmp_path):
     """Through txl-eval's run (metrics on): zero scored tokens is the one-line cause, not an unpack
     error; a byte model's JSON names bits-per-byte 'bpb' (and keeps 'bpc' as its alias)."""
-    from hydra import compose, initialize_config_dir
-
+    from conftest import eval_config
     from txl.checkpoint import save_model
-    from txl.config import register
     from txl.data import build_tokenizer
     from txl.eval import run
     tok = build_tokenizer("byte", "")
@@ -57,13 +55,9 @@ def test_eval_run_zero_tokens_with_metrics_and_bits_per_byte_key(tmp_path):
     save_model(path, _model(256), tok.state_dict())
     text = tmp_path / "t.txt"
     text.write_bytes(bytes(range(32, 127)) * 4)
-    register()
 
     def ev(*extra):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("eval", overrides=[f"ckpt_path={path}", f"eval.text_file={text}", f"run_dir={tmp_path}",
-                                             *extra])
-        return run(cfg)
+        return run(eval_config(path, text, tmp_path, *extra))
 
     with pytest.raises(ValueError, match="warmup_tokens=640 covers every stream"):
         ev("eval.batch_size=4", "eval.warmup_tokens=640")
