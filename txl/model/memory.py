@@ -23,7 +23,8 @@ changes; only the memory held between segments shrinks (bf16 2x, int8 ~4x).
 Rolling (`rolling=True`, inference): the model updates the memory in place, each layer right after
 that layer has read it, and returns the same object. The old and the new memory then never coexist
 (the high-water mark is the memory plus one layer, not twice the memory; once full, a layer is
-shifted in place, roll_rows_, so not even one layer is held twice), which matters when the memory is long; the price is that the memory handed in is consumed (nobody may read it afterwards:
+shifted in place, roll_rows_, so not even one layer is held twice), which matters when the memory
+is long; the price is that the memory handed in is consumed (nobody may read it afterwards:
 metrics that re-run a segment on its input memory need the pure update). A compressive memory is
 updated by its compressor and is never rolling.
 """
@@ -178,7 +179,8 @@ class Memory(Sequence):
     def update_layer(self, i: int, new: torch.Tensor, mem_len: int, ext_len: int = 0) -> None:
         """In place: layer i's rows <- the last mem_len of [its rows + new] (update_mems); new (B, T, X)
         is what keys_values returned for this segment. Stored rows are never re-encoded: only the
-        segment's new rows are cast / quantized, then concatenated; the old tensor is let go."""
+        segment's new rows are cast / quantized, then concatenated (the old tensor is let go), or, for a
+        full rolling memory, shifted in place with the new rows at its end (roll_rows_)."""
         new = new.detach()
         scale = None
         if self.store == "int8":
